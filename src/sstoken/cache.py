@@ -1,0 +1,153 @@
+"""Per-token loss cache on disk, keyed by model, data, template and max length.
+
+Layout of one entry (a folder)::
+
+    meta.json          model, model fingerprint, data source, template, max_seq_length, counts
+    losses.safetensors ``losses`` (T,) float32 (all examples' tokens, concatenated in order),
+                       ``offsets`` (N+1,) int64
+    examples.json      per example: id and a hash of its input_ids
+
+Aligned with tokens as everywhere in sstoken: ``losses[offsets[k] + i]`` is
+``-log p(x_i | x_<i)`` of example k (0 at i = 0 and off the response). An entry is written to
+a temporary folder and renamed into place, so a crash never leaves a half-written cache.
+Reading checks every example's id and token hash: a stale or mismatched cache is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import Example
+
+FORMAT_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """A cache that does not match the model or data it is used with."""
+
+
+def tokens_hash(input_ids: list[int]) -> str:
+    return hashlib.sha1(json.dumps(input_ids).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model_path: str) -> str:
+    """Identify a model's weights cheaply: for a local folder, its config and the names, sizes
+    and modification times of its weight files; for a hub name, the name itself."""
+    p = Path(model_path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.name in ("config.json", "adapter_config.json"):
+                h.update(f.read_bytes())
+            elif f.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        h.update(f"hub:{model_path}".encode())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(ex.id.encode())
+        h.update(tokens_hash(ex.input_ids).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(model_fp: str, examples: list[Example], template: str, max_seq_length: int) -> str:
+    blob = f"{FORMAT_VERSION}|{model_fp}|{data_fingerprint(examples)}|{template}|{max_seq_length}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@dataclass
+class LossCache:
+    path: Path
+    meta: dict
+    losses: dict[str, list[float]]          # example id -> per-token losses
+    hashes: dict[str, str]                   # example id -> tokens hash
+
+    def attach(self, examples: list[Example], field: str) -> None:
+        """Put each example's cached losses into ``example.extra[field]``; raise CacheError if
+        an example is missing or was tokenized differently."""
+        for ex in examples:
+            if ex.id not in self.losses:
+                raise CacheError(f"{self.path}: example {ex.id!r} is not in this cache "
+                                 "(different data?); run `sstoken score` again")
+            if self.hashes[ex.id] != tokens_hash(ex.input_ids):
+                raise CacheError(f"{self.path}: example {ex.id!r} was tokenized differently "
+                                 "when the cache was written (stale cache: other template, "
+                                 "tokenizer or max length); run `sstoken score` again")
+            ex.extra[field] = self.losses[ex.id]
+
+
+def entry_dir(root: Path, key: str) -> Path:
+    return Path(root) / "losses" / key
+
+
+def write(root: Path, key: str, meta: dict, examples: list[Example],
+          losses: list[torch.Tensor]) -> Path:
+    """Write one cache entry atomically; ``losses[k]`` is example k's (L_k,) float32 tensor."""
+    out = entry_dir(root, key)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        flat = torch.cat([l.float().cpu() for l in losses]) if losses else torch.zeros(0)
+        offsets = torch.tensor([0] + [len(l) for l in losses], dtype=torch.int64).cumsum(0)
+        save_file({"losses": flat.contiguous(), "offsets": offsets}, str(tmp / "losses.safetensors"))
+        (tmp / "examples.json").write_text(json.dumps(
+            [{"id": ex.id, "tokens": tokens_hash(ex.input_ids)} for ex in examples]))
+        meta = {**meta, "format": FORMAT_VERSION, "key": key, "examples": len(examples),
+                "tokens": int(flat.numel()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read(path: Path) -> LossCache:
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        items = json.loads((path / "examples.json").read_text())
+        t = load_file(str(path / "losses.safetensors"))
+    except FileNotFoundError as e:
+        raise CacheError(f"{path}: not a complete sstoken loss cache ({e.filename} missing)") from e
+    if meta.get("format") != FORMAT_VERSION:
+        raise CacheError(f"{path}: cache format {meta.get('format')} != {FORMAT_VERSION}")
+    flat, off = t["losses"], t["offsets"].tolist()
+    if len(off) != len(items) + 1 or off[-1] != flat.numel():
+        raise CacheError(f"{path}: corrupt cache (offsets do not match the losses)")
+    losses = {it["id"]: flat[off[k]:off[k + 1]].tolist() for k, it in enumerate(items)}
+    hashes = {it["id"]: it["tokens"] for it in items}
+    return LossCache(path, meta, losses, hashes)
+
+
+def find(root: Path, key: str) -> LossCache | None:
+    d = entry_dir(root, key)
+    return read(d) if (d / "meta.json").exists() else None
+
+
+def check_meta(cache: LossCache, model_fp: str, template: str, max_seq_length: int) -> None:
+    """A cache given explicitly must belong to this model, template and max length."""
+    m = cache.meta
+    for what, have, want in (("model", m.get("model_fingerprint"), model_fp),
+                             ("template", m.get("template"), template),
+                             ("max_seq_length", m.get("max_seq_length"), max_seq_length)):
+        if have != want:
+            raise CacheError(f"{cache.path}: cache was written for {what}={have!r}, this run "
+                             f"uses {want!r}")

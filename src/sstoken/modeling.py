@@ -1,0 +1,127 @@
+"""Load models and tokenizers, add LoRA, and compute per-token losses of a forward.
+
+The per-token loss path runs the model's normal forward (through DDP/accelerate wrappers) with
+``logits_to_keep=1`` so the full-vocabulary logits are never built, catches the decoder's
+final hidden states with a forward hook, and projects only the rows that predict a response
+token, in chunks (:func:`sstoken.scoring.response_token_losses`). ``loss_chunk_size=0`` selects
+the plain path (full logits), the reference the fast path is tested against, and the one to
+use with FSDP/DeepSpeed-3 where the lm_head weight is sharded outside the forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .embedded import resolve_model
+from .scoring import response_token_losses, token_losses_from_logits
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(model))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model: str, dtype: str = "auto", attn_implementation: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=pick_dtype(dtype),
+                                                attn_implementation=attn_implementation)
+
+
+def load_model_with_adapter(model: str, adapter: str | None, dtype: str = "auto",
+                            attn_implementation: str = "sdpa"):
+    """A base model, optionally with a LoRA adapter merged in (for scoring and evaluation)."""
+    m = load_model(model, dtype, attn_implementation)
+    if adapter:
+        from peft import PeftModel
+
+        m = PeftModel.from_pretrained(m, adapter).merge_and_unload()
+    return m
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, targets: str):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                     target_modules=[t.strip() for t in targets.split(",") if t.strip()])
+    return get_peft_model(model, cfg)
+
+
+def unwrap(model):
+    """Strip DDP/accelerate wrappers (not peft)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def causal_lm(model):
+    """The ``*ForCausalLM`` inside DDP and peft wrappers."""
+    m = unwrap(model)
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    return m
+
+
+def is_peft(model) -> bool:
+    return hasattr(unwrap(model), "disable_adapter")
+
+
+def forward_token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         mask: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Per-token NLL ``(B, L)`` float32 on R (zero elsewhere) of one forward of ``model``.
+
+    Gradients flow when grad is enabled. ``chunk_size=0``: the reference path with full logits.
+    """
+    if chunk_size <= 0:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return torch.where(mask, token_losses_from_logits(logits, input_ids), 0.0)
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None or getattr(lm.config, "final_logit_softcapping", None):
+        raise ValueError("the chunked loss supports plain linear lm heads; use --loss_chunk_size 0")
+    captured = {}
+
+    def grab(_module, _inputs, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = lm.get_decoder().register_forward_hook(grab)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return response_token_losses(captured["h"], head.weight, input_ids, mask, chunk_size)
+
+
+@contextlib.contextmanager
+def adapter_disabled(model):
+    """The base model, for LoRA: the same network with the adapter switched off."""
+    with unwrap(model).disable_adapter():
+        yield
+
+
+def merge_and_save(base: str, adapter: str, out_dir: str, dtype: str = "float32") -> str:
+    """Merge a LoRA adapter into its base and save a plain model with the tokenizer."""
+    from peft import PeftModel
+
+    m = load_model(base, dtype)
+    merged = PeftModel.from_pretrained(m, adapter).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    load_tokenizer(base).save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,255 @@
+"""The math of token selection: pure tensor functions, no I/O, no models.
+
+Notation (DESIGN.md section 2): one sample has positions ``0..L-1``; ``labels[i] = -100`` off
+the response set R; the prompt set P is every non-pad position not in R. Per-token losses are
+stored *aligned with the token*: ``loss[:, i] = -log p(x_i | x_<i)`` (the prediction made at
+position ``i-1``), and ``loss[:, 0] = 0``. Every function takes a boolean ``mask`` of R
+``(B, L)`` and returns zeros / False off R.
+
+Equations of the ssToken paper (Qin et al., ICLR 2026, arXiv:2510.18250):
+
+* Eq. 3   ``REL(i) = loss_history(i) - loss_current(i)``          -> :func:`excess_loss`
+* Eq. 5-7 ``AttnScore(i) = mean_h sum_{j in P} softmax_j(q_i k_j / sqrt(d))`` -> :func:`attn_prompt_mass`
+* Eq. 8   min-max of REL over R within each sample                 -> :func:`minmax_normalize`
+* Eq. 9   ``score = gamma * norm(REL) + (1 - gamma) * AttnScore``  -> :func:`sstoken_score`
+* Eq. 10  NLL over kept tokens / number of kept tokens             -> :func:`selected_loss`
+* Eq. 11  keep the top ``ceil(rho * |R|)`` tokens of each sample   -> :func:`select_top_per_sample`
+
+RHO-1's excess loss is the same difference with a reference model in place of the history
+model (``loss_current - loss_reference``, so the sign is flipped: high = still to learn).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- per-token losses
+
+def token_losses_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Reference per-token NLL from full logits: ``loss[:, i] = -log softmax(logits[:, i-1])[x_i]``.
+
+    logits (B, L, V), input_ids (B, L) -> (B, L) float32, ``loss[:, 0] = 0``.
+    Materializes fp32 logits of the whole vocabulary; the slow, obviously-correct path.
+    """
+    B, L, V = logits.shape
+    out = logits.new_zeros((B, L), dtype=torch.float32)
+    if L > 1:
+        lp = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), input_ids[:, 1:].reshape(-1),
+                             reduction="none")
+        out[:, 1:] = lp.view(B, L - 1)
+    return out
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-row NLL of ``h @ W.T`` computed ``chunk`` rows at a time, never holding (N, V) logits.
+
+    Forward keeps only the log-sum-exp per row; backward recomputes each chunk's logits
+    (one extra matmul) so memory stays O(chunk * V) in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):  # h (N, H), weight (V, H), targets (N,)
+        N = h.shape[0]
+        loss = torch.empty(N, dtype=torch.float32, device=h.device)
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)
+        for s in range(0, N, chunk):
+            logits = (h[s:s + chunk] @ weight.T).float()                  # (c, V)
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            tgt = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
+            loss[s:s + chunk] = lse[s:s + chunk] - tgt
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.chunk = chunk
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # grad_loss (N,)
+        h, weight, targets, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for s in range(0, h.shape[0], chunk):
+            hc = h[s:s + chunk]
+            g = torch.exp((hc @ weight.T).float() - lse[s:s + chunk, None])   # softmax (c, V)
+            g.scatter_add_(1, targets[s:s + chunk, None],
+                           -torch.ones_like(targets[s:s + chunk, None], dtype=g.dtype))
+            g.mul_(grad_loss[s:s + chunk, None].float())                      # dL/dlogits
+            if grad_h is not None:
+                grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
+            if grad_w is not None:
+                grad_w += g.T @ hc.float()
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None
+
+
+def response_token_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                          input_ids: torch.Tensor, mask: torch.Tensor,
+                          chunk_size: int = 1024) -> torch.Tensor:
+    """Per-token NLL on R from final hidden states, chunked (the fast path).
+
+    hidden (B, L, H), lm_head_weight (V, H), input_ids (B, L), mask (B, L) bool of R
+    -> (B, L) float32, zero off R. Only the rows that predict a response token are projected
+    to the vocabulary, ``chunk_size`` rows at a time. Equals :func:`token_losses_from_logits`
+    on R (tested).
+    """
+    mask = mask.clone()
+    mask[:, 0] = False                       # nothing predicts the first token
+    b, i = mask.nonzero(as_tuple=True)       # (N,), (N,)
+    h = hidden[b, i - 1]                     # (N, H): position i-1 predicts token i
+    targets = input_ids[b, i]                # (N,)
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    if h.shape[0] == 0:
+        return out + 0.0 * hidden.sum()      # keep the graph connected
+    out = out.index_put((b, i), _LinearCrossEntropy.apply(h, lm_head_weight, targets, chunk_size))
+    return out
+
+
+# --------------------------------------------------------------------------- excess losses
+
+def excess_loss(loss_history: torch.Tensor, loss_current: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Retrospective excess loss, Eq. 3: ``REL = loss_history - loss_current`` on R. (B, L)."""
+    return torch.where(mask, loss_history - loss_current, torch.zeros_like(loss_current))
+
+
+def minmax_normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 8: per-sample min-max over R to [0, 1]; a constant sample maps to 0. (B, L)."""
+    big = torch.finfo(x.dtype).max
+    lo = torch.where(mask, x, torch.full_like(x, big)).amin(dim=1, keepdim=True)     # (B, 1)
+    hi = torch.where(mask, x, torch.full_like(x, -big)).amax(dim=1, keepdim=True)    # (B, 1)
+    span = hi - lo
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    out = torch.where(span > 0, (x - lo) / safe, torch.zeros_like(x))
+    return torch.where(mask, out, torch.zeros_like(x))
+
+
+def sstoken_score(rel_norm: torch.Tensor, attn_score: torch.Tensor, mask: torch.Tensor,
+                  gamma: float) -> torch.Tensor:
+    """Eq. 9: ``gamma * norm(REL) + (1 - gamma) * AttnScore`` on R. (B, L)."""
+    s = gamma * rel_norm + (1.0 - gamma) * attn_score
+    return torch.where(mask, s, torch.zeros_like(s))
+
+
+def attention_driven(rel_norm: torch.Tensor, attn_score: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Tokens whose score comes mainly from attention: ``(1-gamma)*attn > gamma*norm(REL)``.
+
+    These are the orange tokens of the paper's case studies. (B, L) bool.
+    """
+    return (1.0 - gamma) * attn_score > gamma * rel_norm
+
+
+# --------------------------------------------------------------------------- attention score
+
+def attn_prompt_mass_from_probs(attn_probs: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Reference Eq. 5-7 from materialized attention probabilities.
+
+    attn_probs (B, H, L, L) rows = queries, prompt_mask (B, L) bool -> (B, L): for every query
+    i, the attention mass on prompt keys, averaged over heads.
+    """
+    return (attn_probs.float() * prompt_mask[:, None, None, :].float()).sum(-1).mean(1)
+
+
+def allowed_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """Turn whatever mask an attention function received into SDPA's boolean form.
+
+    None (pure causal) -> None; 2D padding mask (B, K) (flash-attention style) -> causal AND
+    key-not-pad (B, 1, Q, K); 4D bool (True = attend) -> as is; 4D float (additive, 0 = attend)
+    -> ``mask == 0``.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+        return causal[None, None] & attention_mask.bool()[:, None, None, :]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[..., :k_len]
+    return attention_mask[..., :k_len] == 0
+
+
+def attn_prompt_mass(query: torch.Tensor, key: torch.Tensor, prompt_mask: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Eq. 5-7 in one fused attention call, O(L) extra memory (the fast path).
+
+    ``sum_{j in P} softmax_j(q_i . k_j * scaling)`` is the output of attention with the value
+    vector ``v_j = 1[j in P]``, so SDPA computes it without materializing (L, L) scores.
+
+    query (B, H, L, D), key (B, Hkv, L, D) (GQA key heads are repeated), prompt_mask (B, L)
+    bool, attention_mask as the model passed it (see :func:`allowed_mask`) -> (B, L) float32.
+    Rows with no allowed key (left-padding queries) give 0.
+    """
+    B, H, L, D = query.shape
+    Hkv = key.shape[1]
+    if Hkv != H:
+        key = key.repeat_interleave(H // Hkv, dim=1)                  # (B, H, L, D)
+    mask = allowed_mask(attention_mask, L, key.shape[2], query.device)
+    value = prompt_mask[:, None, :, None].to(query.dtype).expand(B, H, key.shape[2], D)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                         is_causal=mask is None and L > 1, scale=scaling)
+    return torch.nan_to_num(out[..., 0].float(), nan=0.0).mean(1)      # (B, L)
+
+
+# --------------------------------------------------------------------------- selection
+
+def num_keep(n: int | torch.Tensor, rho: float):
+    """``ceil(rho * n)`` without floating-point surprises (0.6 * 5 is 3.0000000000000004)."""
+    if isinstance(n, torch.Tensor):
+        return torch.ceil(torch.round(n.double() * rho, decimals=9)).long().clamp(max=n)
+    return min(int(n), math.ceil(round(n * rho, 9)))
+
+
+def _rank_desc(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along the last dim by score, descending; ties by position (earlier
+    first); entries off the mask rank last. Same shape as score, int64."""
+    s = torch.where(mask, score.double(), torch.full_like(score, -math.inf, dtype=torch.float64))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return rank
+
+
+def select_top_per_sample(score: torch.Tensor, mask: torch.Tensor, rho: float) -> torch.Tensor:
+    """Eq. 11: keep the top ``ceil(rho * |R_b|)`` response tokens of each sample b.
+
+    score, mask (B, L) -> keep (B, L) bool. Ties: the earlier position wins.
+    """
+    k = num_keep(mask.sum(dim=1), rho)                                 # (B,)
+    return (_rank_desc(score, mask) < k[:, None]) & mask
+
+
+def select_top_flat(score: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the top ``k`` entries of ``score`` over all of ``mask`` (any shape), ties by flat
+    order (earlier sample, then earlier position). Used for batch scope (RHO-1) and pool scope
+    (TokenCleaning)."""
+    rank = _rank_desc(score.reshape(-1), mask.reshape(-1)).view(score.shape)
+    return (rank < k) & mask
+
+
+def select_random(mask: torch.Tensor, rho: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """Keep a uniformly random ``ceil(rho * |R_b|)`` of each sample's response tokens.
+
+    One generator per sample (seeded from the run seed and the example), so the choice does
+    not depend on batch composition."""
+    u = torch.stack([torch.rand(mask.shape[1], generator=g) for g in generators]).to(mask.device)
+    return select_top_per_sample(u, mask, rho)
+
+
+def selected_loss(token_loss: torch.Tensor, keep: torch.Tensor, num_items: torch.Tensor | float) -> torch.Tensor:
+    """Eq. 10: sum of the kept tokens' NLL divided by ``num_items``, the number of kept tokens
+    of the whole optimizer step (all micro-batches and processes)."""
+    return (token_loss * keep).sum() / num_items
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two 1-D tensors (nan when undefined)."""
+    if x.numel() < 2:
+        return float("nan")
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    den = (x.norm() * y.norm()).item()
+    return float((x @ y).item() / den) if den > 0 else float("nan")
