@@ -34,7 +34,7 @@ def main(out: str, model_dir: str, method: str, per_device: int, accum: int, fin
                              gradient_accumulation_steps=accum, max_steps=1, learning_rate=0.5,
                              optim="sgd", lr_scheduler_type="constant", report_to="none",
                              remove_unused_columns=False, save_strategy="no", logging_steps=1,
-                             use_cpu=True, seed=0, disable_tqdm=True)
+                             use_cpu=True, seed=0, disable_tqdm=True, max_grad_norm=0.0)
     model = build_model(model_args)
     trainer, _ = _train_once(model, tok, examples, model_args, sel, args, __import__("pathlib").Path(out + ".run"))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -44,4 +44,6 @@ def main(out: str, model_dir: str, method: str, per_device: int, accum: int, fin
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+    # out_prefix model_dir methods(comma-separated) per_device accum finetune
+    for m in sys.argv[3].split(","):
+        main(f"{sys.argv[1]}.{m}.st", sys.argv[2], m, int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])

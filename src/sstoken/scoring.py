@@ -38,12 +38,18 @@ def token_losses_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> t
     Materializes fp32 logits of the whole vocabulary; the slow, obviously-correct path.
     """
     B, L, V = logits.shape
-    out = logits.new_zeros((B, L), dtype=torch.float32)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    out = logits.new_zeros((B, L), dtype=acc)
     if L > 1:
-        lp = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), input_ids[:, 1:].reshape(-1),
+        lp = F.cross_entropy(logits[:, :-1].to(acc).reshape(-1, V), input_ids[:, 1:].reshape(-1),
                              reduction="none")
         out[:, 1:] = lp.view(B, L - 1)
     return out
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulate in float32, or float64 for float64 inputs."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -56,10 +62,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk):  # h (N, H), weight (V, H), targets (N,)
         N = h.shape[0]
-        loss = torch.empty(N, dtype=torch.float32, device=h.device)
-        lse = torch.empty(N, dtype=torch.float32, device=h.device)
+        acc = _acc_dtype(h)
+        loss = torch.empty(N, dtype=acc, device=h.device)
+        lse = torch.empty(N, dtype=acc, device=h.device)
         for s in range(0, N, chunk):
-            logits = (h[s:s + chunk] @ weight.T).float()                  # (c, V)
+            logits = (h[s:s + chunk] @ weight.T).to(acc)                  # (c, V)
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
             tgt = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
             loss[s:s + chunk] = lse[s:s + chunk] - tgt
@@ -72,18 +79,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, weight, targets, lse = ctx.saved_tensors
         chunk = ctx.chunk
         grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+        acc = _acc_dtype(h)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], chunk):
             hc = h[s:s + chunk]
-            g = torch.exp((hc @ weight.T).float() - lse[s:s + chunk, None])   # softmax (c, V)
+            g = torch.exp((hc @ weight.T).to(acc) - lse[s:s + chunk, None])   # softmax (c, V)
             g.scatter_add_(1, targets[s:s + chunk, None],
                            -torch.ones_like(targets[s:s + chunk, None], dtype=g.dtype))
-            g.mul_(grad_loss[s:s + chunk, None].float())                      # dL/dlogits
+            g.mul_(grad_loss[s:s + chunk, None].to(acc))                      # dL/dlogits
             if grad_h is not None:
                 grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
             if grad_w is not None:
-                grad_w += g.T @ hc.float()
+                grad_w += g.T @ hc.to(acc)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None
@@ -95,7 +103,7 @@ def response_token_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
     """Per-token NLL on R from final hidden states, chunked (the fast path).
 
     hidden (B, L, H), lm_head_weight (V, H), input_ids (B, L), mask (B, L) bool of R
-    -> (B, L) float32, zero off R. Only the rows that predict a response token are projected
+    -> (B, L) float32 (float64 for float64 inputs), zero off R. Only the rows that predict a response token are projected
     to the vocabulary, ``chunk_size`` rows at a time. Equals :func:`token_losses_from_logits`
     on R (tested).
     """
@@ -104,7 +112,7 @@ def response_token_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
     b, i = mask.nonzero(as_tuple=True)       # (N,), (N,)
     h = hidden[b, i - 1]                     # (N, H): position i-1 predicts token i
     targets = input_ids[b, i]                # (N,)
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    out = torch.zeros(mask.shape, dtype=_acc_dtype(hidden), device=hidden.device)
     if h.shape[0] == 0:
         return out + 0.0 * hidden.sum()      # keep the graph connected
     out = out.index_put((b, i), _LinearCrossEntropy.apply(h, lm_head_weight, targets, chunk_size))

@@ -1,0 +1,338 @@
+"""SelectionTrainer: loss normalization over the optimizer step, and every method's keep mask
+and loss against slow references written as plain per-sample, per-token loops."""
+import math
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+from sstoken.config import SelectionArguments
+from sstoken.data import Collator, ExampleDataset, build_examples
+from sstoken.pipeline import tokencleaning_keep
+from sstoken.testing import tiny_llama
+from sstoken.trainer import SelectionTrainer, TrainableEMA
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import ddp_step  # noqa: E402
+from conftest import make_records  # noqa: E402
+
+
+# --------------------------------------------------------------------------- normalization
+
+def manual_sgd_step(model_dir, lr=0.5, naive_micro=None):
+    """Reference update for method full: one SGD step on sum(NLL of R) / |R| over all 8
+    examples, each example forwarded alone (no padding) with full logits. ``naive_micro=k``
+    instead averages per-micro-batch means over micro-batches of k (the classic bug)."""
+    from sstoken.modeling import load_model, load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, "float32")
+    recs = make_records(8, seed=3, multi_turn=True)
+    ex, _ = build_examples(((f"r{k}", r) for k, r in enumerate(recs)), tok)
+    per_ex = []
+    for e in ex:
+        ids = torch.tensor([e.input_ids])
+        logits = model(input_ids=ids).logits[0]
+        s, n = 0.0, 0
+        for i in range(1, len(e.input_ids)):
+            if e.labels[i] != -100:
+                s = s - torch.log_softmax(logits[i - 1], -1)[e.input_ids[i]]
+                n += 1
+        per_ex.append((s, n))
+    if naive_micro is None:
+        loss = sum(s for s, _ in per_ex) / sum(n for _, n in per_ex)
+    else:
+        groups = [per_ex[k:k + naive_micro] for k in range(0, 8, naive_micro)]
+        loss = sum(sum(s for s, _ in g) / sum(n for _, n in g) for g in groups) / len(groups)
+    loss.backward()
+    return {n: (p - lr * p.grad).detach() for n, p in model.named_parameters()}
+
+
+def maxdiff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def step_results(tiny_dir, tmp_path_factory):
+    """Train one step in several layouts; returns {layout: {method: params}}."""
+    out = tmp_path_factory.mktemp("steps")
+    res = {}
+    for pd, acc in [(8, 1), (1, 8), (4, 2)]:
+        res[f"{pd}x{acc}"] = {}
+        for m in ("full", "sstoken"):
+            ddp_step.main(str(out / f"{pd}x{acc}.{m}.st"), tiny_dir, m, pd, acc, "full")
+            res[f"{pd}x{acc}"][m] = load_file(str(out / f"{pd}x{acc}.{m}.st"))
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29533", str(HERE / "ddp_step.py"), str(out / "ddp"), tiny_dir,
+           "full,sstoken", "2", "2", "full"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res["ddp2x2x2"] = {m: load_file(str(out / f"ddp.{m}.st")) for m in ("full", "sstoken")}
+    return res
+
+
+def test_full_step_matches_manual_reference(step_results, tiny_dir):
+    ref = manual_sgd_step(tiny_dir)
+    naive = manual_sgd_step(tiny_dir, naive_micro=1)
+    assert maxdiff(ref, naive) > 1e-4             # the check below can tell them apart
+    for layout, params in step_results.items():
+        assert maxdiff(params["full"], ref) < 2e-6, layout
+
+
+@pytest.mark.parametrize("layout", ["1x8", "4x2", "ddp2x2x2"])
+def test_accumulation_and_ddp_equal_one_big_batch(step_results, layout):
+    for m in ("full", "sstoken"):
+        assert maxdiff(step_results[layout][m], step_results["8x1"][m]) < 2e-6, (layout, m)
+
+
+# --------------------------------------------------------------------------- method exactness
+
+def make_batch(tok, seed=0):
+    recs = make_records(6, seed=seed, multi_turn=True)
+    recs[2] = {"id": "one", "messages": [{"role": "user", "content": "the sea is wide"},
+                                         {"role": "assistant", "content": "."}]}
+    ex, _ = build_examples(((f"r{k}", r) for k, r in enumerate(recs)), tok)
+    assert min(e.num_response_tokens for e in ex) <= 3
+    return ex
+
+
+def trainer_for(model, tok, ex, sel, **kw):
+    args = TrainingArguments(output_dir="/tmp/sstoken-test-trainer", report_to="none",
+                             remove_unused_columns=False, use_cpu=True, seed=0, max_steps=1)
+    return SelectionTrainer(model=model, args=args, train_dataset=ExampleDataset(ex),
+                            data_collator=Collator(tok.pad_token_id), processing_class=tok,
+                            selection=sel, examples=ex, **kw)
+
+
+def ref_cur_and_attn(model_sd, ex, layers=2, layer=-1):
+    """Per example, alone and unpadded: token losses (loop over positions, full logits) and
+    the attention mass on the prompt (eager attention, output_attentions)."""
+    m = tiny_llama(300, layers=layers, attn_implementation="eager")
+    m.load_state_dict(model_sd)
+    cur, attn = [], []
+    with torch.no_grad():
+        for e in ex:
+            out = m(input_ids=torch.tensor([e.input_ids]), output_attentions=True)
+            lp = torch.log_softmax(out.logits[0].double(), -1)
+            cur.append([0.0] + [-float(lp[i - 1, e.input_ids[i]]) for i in range(1, len(e.input_ids))])
+            A = out.attentions[layer][0]                                 # (H, L, L)
+            prompt = [lab == -100 for lab in e.labels]
+            H = A.shape[0]
+            attn.append([sum(float(A[h, i, j]) for h in range(H) for j in range(len(prompt))
+                             if prompt[j]) / H for i in range(len(prompt))])
+    return cur, attn
+
+
+def resp_positions(e):
+    return [i for i in range(1, len(e.labels)) if e.labels[i] != -100]
+
+
+def ref_keep_per_sample(scores, ex, rho):
+    keep = []
+    for s, e in zip(scores, ex):
+        pos = sorted(resp_positions(e), key=lambda i: (-s[i], i))
+        k = math.ceil(Fraction(str(rho)) * len(pos))
+        keep.append(set(pos[:k]))
+    return keep
+
+
+def ref_loss(cur, keep):
+    return sum(cur[b][i] for b, ks in enumerate(keep) for i in ks) / sum(len(k) for k in keep)
+
+
+def run_trainer_step(trainer, tok, ex):
+    batch = Collator(tok.pad_token_id)([ExampleDataset(ex)[k] for k in range(len(ex))])
+    from sstoken.modeling import forward_token_losses
+    from sstoken.trainer import response_mask
+
+    model = trainer.model
+    resp = response_mask(batch["labels"])
+    loss = trainer.compute_loss(model, batch)
+    # the keep mask of the same step, through the same code path
+    if trainer.hook is not None:
+        trainer.hook.arm(batch["attention_mask"].bool() & ~resp)
+    cur = forward_token_losses(model, batch["input_ids"], batch["attention_mask"], resp)
+    attn = trainer.hook.take() if trainer.hook is not None else None
+    keep, parts = trainer.select(batch, cur.detach(), resp, attn, trainer.effective_gamma())
+    sets = [set(torch.nonzero(keep[b]).flatten().tolist()) for b in range(len(ex))]
+    return float(loss), sets, parts
+
+
+@pytest.mark.parametrize("rho", [0.2, 0.6, 1.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
+def test_sstoken_matches_loop_reference(tok, rho, gamma):
+    torch.manual_seed(0)
+    model = tiny_llama(300, layers=2)
+    ex = make_batch(tok)
+    cur, attn = ref_cur_and_attn(model.state_dict(), ex)
+    g = torch.Generator().manual_seed(9)
+    hist = [[c + float(torch.randn(1, generator=g)) for c in cs] for cs in cur]   # a history model
+    for e, h in zip(ex, hist):
+        e.extra["history_loss"] = h
+    sel = SelectionArguments(method="sstoken", rho=rho, gamma=gamma, save_scores=0)
+    loss, keep, _ = run_trainer_step(trainer_for(model, tok, ex, sel), tok, ex)
+    scores = []
+    for b, e in enumerate(ex):
+        R = resp_positions(e)
+        rel = {i: hist[b][i] - cur[b][i] for i in R}
+        lo, hi = min(rel.values()), max(rel.values())
+        norm = {i: (rel[i] - lo) / (hi - lo) if hi > lo else 0.0 for i in R}
+        scores.append({i: gamma * norm[i] + (1 - gamma) * attn[b][i] for i in R})
+    want = ref_keep_per_sample(scores, ex, rho)
+    assert keep == want
+    assert abs(loss - ref_loss(cur, want)) < 1e-5
+
+
+def test_sstoken_online_base_history_ties_at_step0(tok):
+    """LoRA with B = 0: adapter-disabled and -enabled forwards agree exactly, so REL = 0 for
+    every token; with gamma = 1 all scores tie and the earliest positions are kept."""
+    import peft
+
+    model = peft.get_peft_model(tiny_llama(300, layers=2),
+                                peft.LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    ex = make_batch(tok)
+    sel = SelectionArguments(method="sstoken", rho=0.6, gamma=1.0, save_scores=0)
+    loss, keep, parts = run_trainer_step(trainer_for(model, tok, ex, sel), tok, ex)
+    assert float(parts["rel"].abs().max()) == 0.0
+    for e, ks in zip(ex, keep):
+        R = resp_positions(e)
+        assert ks == set(R[:math.ceil(Fraction("0.6") * len(R))])
+
+
+@pytest.mark.parametrize("scope", ["sample", "batch"])
+@pytest.mark.parametrize("rho", [0.2, 0.6, 1.0])
+def test_rho1_matches_loop_reference(tok, scope, rho):
+    model = tiny_llama(300, layers=2, seed=1)
+    ex = make_batch(tok, seed=1)
+    cur, _ = ref_cur_and_attn(model.state_dict(), ex)
+    g = torch.Generator().manual_seed(3)
+    ref_l = [[max(0.0, c + float(torch.randn(1, generator=g))) for c in cs] for cs in cur]
+    for e, r in zip(ex, ref_l):
+        e.extra["ref_loss"] = r
+    sel = SelectionArguments(method="rho1", rho=rho, ref_model="x", scope=scope, save_scores=0)
+    loss, keep, _ = run_trainer_step(trainer_for(model, tok, ex, sel), tok, ex)
+    el = [{i: cur[b][i] - ref_l[b][i] for i in resp_positions(e)} for b, e in enumerate(ex)]
+    if scope == "sample":
+        want = ref_keep_per_sample(el, ex, rho)
+    else:
+        items = sorted((-s, b, i) for b, d in enumerate(el) for i, s in d.items())
+        k = math.ceil(Fraction(str(rho)) * len(items))
+        want = [set() for _ in ex]
+        for _, b, i in items[:k]:
+            want[b].add(i)
+    assert keep == want
+    assert abs(loss - ref_loss(cur, want)) < 1e-5
+
+
+def test_full_and_random(tok):
+    model = tiny_llama(300, layers=2)
+    ex = make_batch(tok)
+    cur, _ = ref_cur_and_attn(model.state_dict(), ex)
+    loss, keep, _ = run_trainer_step(trainer_for(model, tok, ex, SelectionArguments(method="full")), tok, ex)
+    want = [set(resp_positions(e)) for e in ex]
+    assert keep == want and abs(loss - ref_loss(cur, want)) < 1e-5
+    t = trainer_for(model, tok, ex, SelectionArguments(method="random", rho=0.6))
+    l1, k1, _ = run_trainer_step(t, tok, ex)
+    l2, k2, _ = run_trainer_step(t, tok, ex)
+    assert k1 == k2                                              # reproducible per example
+    for e, ks in zip(ex, k1):
+        R = resp_positions(e)
+        assert ks <= set(R) and len(ks) == math.ceil(Fraction("0.6") * len(R))
+    assert abs(l1 - ref_loss(cur, k1)) < 1e-5
+
+
+@pytest.mark.parametrize("scope", ["pool", "sample"])
+@pytest.mark.parametrize("rho", [0.2, 0.6, 1.0])
+def test_tokencleaning_offline_selection_and_step(tok, scope, rho):
+    model = tiny_llama(300, layers=2)
+    ex = make_batch(tok)
+    g = torch.Generator().manual_seed(4)
+    for e in ex:
+        n = len(e.input_ids)
+        e.extra["base_loss"] = torch.rand(n, generator=g).round(decimals=1).tolist()  # ties
+        e.extra["ref_loss"] = torch.rand(n, generator=g).round(decimals=1).tolist()
+    sc = [{i: e.extra["base_loss"][i] - e.extra["ref_loss"][i] for i in resp_positions(e)} for e in ex]
+    tokencleaning_keep(ex, rho, scope)
+    if scope == "pool":
+        items = sorted((-s, b, i) for b, d in enumerate(sc) for i, s in d.items())
+        k = math.floor(Fraction(str(rho)) * len(items))
+        want = [set() for _ in ex]
+        for _, b, i in items[:k]:
+            want[b].add(i)
+    else:
+        want = ref_keep_per_sample(sc, ex, rho)
+    got = [{i for i, v in enumerate(e.extra["keep"]) if v} for e in ex]
+    assert got == want
+    cur, _ = ref_cur_and_attn(model.state_dict(), ex)
+    sel = SelectionArguments(method="tokencleaning", rho=rho, ref_model="x", save_scores=0)
+    loss, keep, _ = run_trainer_step(trainer_for(model, tok, ex, sel), tok, ex)
+    assert keep == want
+    if sum(len(k) for k in want):
+        assert abs(loss - ref_loss(cur, want)) < 1e-5
+
+
+def test_rel_warmup_uses_attention_only(tok):
+    model = tiny_llama(300, layers=2)
+    ex = make_batch(tok)
+    t = trainer_for(model, tok, ex, SelectionArguments(method="sstoken", gamma=0.7, rel_warmup=0.2))
+    t.state.max_steps, t.state.global_step = 10, 1
+    assert t.effective_gamma() == 0.0
+    t.state.global_step = 2
+    assert t.effective_gamma() == 0.7
+
+
+def test_ema_of_adapter_factors_and_swap(tok):
+    import peft
+
+    model = peft.get_peft_model(tiny_llama(300, layers=2),
+                                peft.LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj"]))
+    ema = TrainableEMA(model, alpha=0.9)
+    names = list(ema.params)
+    assert names and all("lora_" in n for n in names)
+    before = {n: p.detach().clone() for n, p in ema.params.items()}
+    with torch.no_grad():
+        for p in ema.params.values():
+            p.add_(1.0)
+    ema.update()
+    for n, p in ema.params.items():
+        assert torch.allclose(ema.shadow[n], 0.9 * before[n] + 0.1 * p)
+    current = {n: p.detach().clone() for n, p in ema.params.items()}
+    with ema.swapped():
+        assert all(torch.equal(p, ema.shadow[n]) for n, p in ema.params.items())
+    assert all(torch.equal(p, current[n]) for n, p in ema.params.items())
+
+
+def test_training_logs_statistics_and_saves_scores(tok, tmp_path):
+    import json
+
+    model = tiny_llama(300, layers=2)
+    ex = make_batch(tok)
+    g = torch.Generator().manual_seed(1)
+    for e in ex:
+        e.extra["history_loss"] = (torch.rand(len(e.input_ids), generator=g) * 5).tolist()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", remove_unused_columns=False,
+                             use_cpu=True, max_steps=2, per_device_train_batch_size=3, logging_steps=1)
+    t = SelectionTrainer(model=model, args=args, train_dataset=ExampleDataset(ex),
+                         data_collator=Collator(tok.pad_token_id), processing_class=tok,
+                         selection=SelectionArguments(method="sstoken", save_scores=4), examples=ex)
+    t.train()
+    logs = [h for h in t.state.log_history if "loss" in h]
+    for key in ("sel/kept_frac", "sel/rel_mean", "sel/attn_mean", "sel/rel_attn_corr", "sel/attn_driven_frac"):
+        assert key in logs[0], key
+    assert 0.6 <= logs[0]["sel/kept_frac"] <= 1.0
+    path = t.write_records(str(tmp_path / "selection.jsonl"))
+    recs = [json.loads(l) for l in open(path)]
+    assert len(recs) == 4
+    for r in recs:
+        n = len(r["tokens"])
+        assert all(len(r[k]) == n for k in ("response", "keep", "loss", "rel", "attn_score", "score", "by_attention"))
+        assert all(r["response"][i] for i in range(n) if r["keep"][i])
+        assert all(r["keep"][i] for i in range(n) if r["by_attention"][i])
