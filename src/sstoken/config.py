@@ -129,12 +129,19 @@ TRAIN_DEFAULTS = {
     "learning_rate": 1e-4,
     "num_train_epochs": 1.0,
     "lr_scheduler_type": "linear",
-    "warmup_ratio": 0.03,
+    "warmup_steps": 0.03,  # a fraction of the steps (transformers 5)
     "logging_steps": 1,
     "save_strategy": "no",
     "report_to": "none",
     "remove_unused_columns": False,
 }
+
+
+def quiet() -> bool:
+    """Progress bars off in CI and when stderr is not a terminal (log files)."""
+    import os
+
+    return bool(os.environ.get("CI")) or not sys.stderr.isatty()
 
 
 def parser():
@@ -157,7 +164,7 @@ def parse_train_args(argv: list[str] | None = None):
         i = argv.index("--config")
         cfg_path = argv[i + 1]
         del argv[i:i + 2]
-    defaults = dict(TRAIN_DEFAULTS)
+    defaults = dict(TRAIN_DEFAULTS, disable_tqdm=quiet())
     if cfg_path:
         loaded = yaml.safe_load(Path(cfg_path).read_text()) or {}
         if not isinstance(loaded, dict):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import DataArguments, ModelArguments, SelectionArguments, TRAIN_DEFAULTS
+from .config import TRAIN_DEFAULTS, DataArguments, ModelArguments, SelectionArguments, quiet
 from .embedded import EMBEDDED_DATA, EMBEDDED_MODEL, embedded_model_dir
 from .pipeline import log, run_merge, run_train
 
@@ -30,7 +30,7 @@ def run_demo(output_dir: str = "outputs/demo", samples: int = 48, max_seq_length
     train_args = TrainingArguments(**{**TRAIN_DEFAULTS, "output_dir": str(out / "adapter"),
                                       "per_device_train_batch_size": 4,
                                       "gradient_accumulation_steps": 2, "seed": 0,
-                                      "warmup_ratio": 0.0, "disable_tqdm": None})
+                                      "warmup_steps": 0, "disable_tqdm": quiet()})
     s = run_train(model_args, data_args, sel_args, train_args)
     merged = run_merge(EMBEDDED_MODEL, s["output_dir"], str(out / "merged"))
     kept = [k for k in s["kept_frac"] if k is not None]

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,8 +29,9 @@ def log(msg: str) -> None:
 
 def progress(iterable=None, **kw):
     """tqdm that stays quiet in CI and non-terminal logs."""
-    disable = (not sys.stderr.isatty()) or bool(os.environ.get("CI"))
-    return tqdm(iterable, disable=disable, dynamic_ncols=True, **kw)
+    from .config import quiet
+
+    return tqdm(iterable, disable=quiet(), dynamic_ncols=True, **kw)
 
 
 def default_device() -> torch.device:

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from sstoken import cache
+from sstoken.config import DataArguments, ModelArguments
+from sstoken.data import build_examples
+from sstoken.pipeline import compute_losses, losses_for, run_score
+from sstoken.testing import tiny_llama
+
+
+def examples(tok, records, n=5, seed=0):
+    ex, _ = build_examples(((str(k), r) for k, r in enumerate(records(n, seed=seed))), tok)
+    return ex
+
+
+def test_roundtrip_and_atomic_layout(tmp_path, tok, records):
+    ex = examples(tok, records)
+    losses = [torch.rand(len(e.input_ids)) for e in ex]
+    path = cache.write(tmp_path, "k1", {"model_fingerprint": "m", "template": "tulu",
+                                         "max_seq_length": 2048}, ex, losses)
+    assert not list(path.parent.glob(".tmp-*"))
+    c = cache.read(path)
+    c.attach(ex, "history_loss")
+    for e, l in zip(ex, losses):
+        assert torch.allclose(torch.tensor(e.extra["history_loss"]), l)
+    cache.check_meta(c, "m", "tulu", 2048)
+    with pytest.raises(cache.CacheError, match="template"):
+        cache.check_meta(c, "m", "chat", 2048)
+    with pytest.raises(cache.CacheError, match="model"):
+        cache.check_meta(c, "other", "tulu", 2048)
+
+
+def test_stale_or_foreign_cache_is_an_error(tmp_path, tok, records):
+    ex = examples(tok, records)
+    c = cache.read(cache.write(tmp_path, "k", {}, ex, [torch.zeros(len(e.input_ids)) for e in ex]))
+    changed = examples(tok, records)
+    changed[1].input_ids = changed[1].input_ids[:-1]
+    with pytest.raises(cache.CacheError, match="tokenized differently"):
+        c.attach(changed, "x")
+    other = examples(tok, records, n=3)
+    other[0].id = "not-there"
+    with pytest.raises(cache.CacheError, match="not in this cache"):
+        c.attach(other, "x")
+    (c.path / "losses.safetensors").unlink()
+    with pytest.raises(cache.CacheError, match="not a complete"):
+        cache.read(c.path)
+
+
+def test_score_pass_matches_unbatched_losses_and_is_reused(tmp_path, tiny_dir, tok, records):
+    ex = examples(tok, records, n=7)
+    from sstoken.modeling import load_model
+
+    model = load_model(tiny_dir, "float32")
+    batched = compute_losses(model, ex, tok.pad_token_id, batch_size=3, chunk_size=4)
+    for e, l in zip(ex, batched):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+        lp = torch.log_softmax(logits.double(), -1)
+        for i in range(1, len(e.input_ids)):
+            want = -float(lp[i - 1, e.input_ids[i]]) if e.labels[i] != -100 else 0.0
+            assert abs(float(l[i]) - want) < 1e-5
+    data = tmp_path / "d.jsonl"
+    import json
+
+    data.write_text("\n".join(json.dumps(r) for r in records(7)))
+    d = DataArguments(data=str(data))
+    m = ModelArguments(model=tiny_dir, dtype="float32")
+    path = run_score(tiny_dir, d, m, str(tmp_path / "c"))
+    assert (path / "meta.json").exists()
+    ex2, _ = build_examples(((str(k), r) for k, r in enumerate(records(7))), tok)
+    assert losses_for(tiny_dir, ex2, d, m, tmp_path / "c", "history_loss", compute=False)
+    assert ex2[0].extra["history_loss"] == pytest.approx(batched[0].tolist(), abs=1e-5)
+    # a different max length is a different key: not found, never silently reused
+    ex3, _ = build_examples(((str(k), r) for k, r in enumerate(records(7))), tok, max_seq_length=9)
+    d9 = DataArguments(data=str(data), max_seq_length=9)
+    assert not losses_for(tiny_dir, ex3, d9, m, tmp_path / "c", "history_loss", compute=False)
