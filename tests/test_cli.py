@@ -1,5 +1,7 @@
 """The command line end to end on the tiny model: config + flags, train, merge, score, help."""
 import json
+import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -102,5 +104,21 @@ def test_tokencleaning_self_evolving_rounds(tmp_path, tiny_dir, records):
                  "--data", data, "--per_device_train_batch_size", "3", "--use_cpu", "true",
                  "--output_dir", str(tmp_path / "tc"), "--cache_dir", str(tmp_path / "cache")]) == 0
     s = json.loads((tmp_path / "tc" / "sstoken_run.json").read_text())
-    assert s["rounds"] == 3
-    assert 0 < s["kept_frac"][-1] < 1          # the last round trains on its selected tokens
+    rounds = s["rounds"]
+    ids = [r for rd in rounds for r in rd["examples"]]
+    assert len(rounds) == 3 and ids == [f"ex{k}" for k in range(9)]      # contiguous, in order
+    assert rounds[0]["kept_tokens"] == rounds[0]["response_tokens"]      # round 0: all tokens
+    for rd in rounds[1:]:                                                # then global floor(rho N)
+        assert rd["kept_tokens"] == math.floor(Fraction("0.6") * rd["response_tokens"])
+    assert 0 < s["kept_frac"][-1] < 1
+
+
+def test_train_ref_writes_a_loadable_reference(tmp_path, tiny_dir, records):
+    data = write_data(tmp_path, records, n=4)
+    assert main(["train-ref", "--model", tiny_dir, "--data", data, "--lora_r", "4", "--max_steps", "1",
+                 "--use_cpu", "true", "--output_dir", str(tmp_path / "ref")]) == 0
+    from sstoken.modeling import load_model
+
+    assert load_model(str(tmp_path / "ref" / "merged"), "float32") is not None
+    s = json.loads((tmp_path / "ref" / "sstoken_run.json").read_text())
+    assert s["method"] == "full"

@@ -336,3 +336,35 @@ def test_training_logs_statistics_and_saves_scores(tok, tmp_path):
         assert all(len(r[k]) == n for k in ("response", "keep", "loss", "rel", "attn_score", "score", "by_attention"))
         assert all(r["response"][i] for i in range(n) if r["keep"][i])
         assert all(r["keep"][i] for i in range(n) if r["by_attention"][i])
+
+
+def test_ema_history_forward_uses_the_averaged_adapter(tok):
+    """history=ema: the history losses equal a plain forward of a copy whose adapter factors
+    are the EMA; the trained weights are untouched afterwards."""
+    import copy
+
+    import peft
+
+    from sstoken.modeling import forward_token_losses
+    from sstoken.trainer import response_mask
+
+    model = peft.get_peft_model(tiny_llama(300, layers=2),
+                                peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    ex = make_batch(tok)
+    t = trainer_for(model, tok, ex, SelectionArguments(method="sstoken", history="ema", ema_alpha=0.5))
+    with torch.no_grad():
+        for p in t.ema.params.values():
+            p.add_(torch.randn_like(p) * 0.1)
+    t.ema.update()
+    batch = Collator(tok.pad_token_id)([ExampleDataset(ex)[k] for k in range(len(ex))])
+    resp = response_mask(batch["labels"])
+    got = t.history_losses(model, batch["input_ids"], batch["attention_mask"], resp)
+    twin = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            if n in t.ema.shadow:
+                p.copy_(t.ema.shadow[n])
+        want = forward_token_losses(twin, batch["input_ids"], batch["attention_mask"], resp)
+        now = forward_token_losses(model.eval(), batch["input_ids"], batch["attention_mask"], resp)
+    assert (got - want).abs().max() < 1e-6
+    assert (got - now).abs().max() > 1e-4          # the EMA differs from the current adapter

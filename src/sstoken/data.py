@@ -257,6 +257,8 @@ def tokenize_messages(messages: list[dict[str, str]], tokenizer, template: str =
     for tok, (s, e) in zip(input_ids, enc["offset_mapping"]):
         inside = e > s and any(a <= s < b for a, b in spans)
         labels.append(tok if inside else IGNORE_INDEX)
+    if labels:
+        labels[0] = IGNORE_INDEX          # nothing predicts the first token
     return input_ids, labels
 
 

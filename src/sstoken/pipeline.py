@@ -253,7 +253,7 @@ def run_self_evolving(model_args, data_args, sel_args, train_args, tok, examples
     losses_for(model_args.model, examples, data_args, model_args, root, "base_loss")
     model = build_model(model_args)
     out_dir = Path(train_args.output_dir)
-    trainer = None
+    trainer, rounds = None, []
     for t, part in enumerate(parts):
         if t == 0:
             round_sel = replace(sel_args, method="full")
@@ -267,10 +267,15 @@ def run_self_evolving(model_args, data_args, sel_args, train_args, tok, examples
             tokencleaning_keep(part, sel_args.rho, "pool")
             round_sel = sel_args
         model.train()
-        log(f"round {t}/{K - 1}: {len(part)} examples, method {round_sel.method}")
+        n_resp = sum(e.num_response_tokens for e in part)
+        n_keep = n_resp if t == 0 else int(sum(sum(e.extra["keep"]) for e in part))
+        rounds.append({"round": t, "examples": [e.id for e in part], "response_tokens": n_resp,
+                       "kept_tokens": n_keep})
+        log(f"round {t}/{K - 1}: {len(part)} examples, method {round_sel.method}, "
+            f"keeping {n_keep}/{n_resp} tokens")
         trainer, _ = _train_once(model, tok, part, model_args, round_sel, train_args, out_dir / f"round{t}")
     return _finish(trainer, model, tok, model_args, data_args, sel_args,
-                   _stats_of(examples), out_dir, t0, {"rounds": K})
+                   _stats_of(examples), out_dir, t0, {"rounds": rounds})
 
 
 def _stats_of(examples):
