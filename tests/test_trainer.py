@@ -156,6 +156,7 @@ def run_trainer_step(trainer, tok, ex):
     model = trainer.model
     resp = response_mask(batch["labels"])
     loss = trainer.compute_loss(model, batch)
+    batch = trainer.with_history(model, batch, resp, trainer.effective_gamma())
     # the keep mask of the same step, through the same code path
     if trainer.hook is not None:
         trainer.hook.arm(batch["attention_mask"].bool() & ~resp)
@@ -368,3 +369,34 @@ def test_ema_history_forward_uses_the_averaged_adapter(tok):
         now = forward_token_losses(model.eval(), batch["input_ids"], batch["attention_mask"], resp)
     assert (got - want).abs().max() < 1e-6
     assert (got - now).abs().max() > 1e-4          # the EMA differs from the current adapter
+
+
+def test_checkpoint_resume_gives_the_same_model(tok, tmp_path):
+    """Two steps straight, or one step, a checkpoint, and a resumed second step: same weights
+    (sstoken with EMA history, whose state travels with the checkpoint)."""
+    import peft
+
+    ex = make_batch(tok)
+
+    def run(out, max_steps, resume=None):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(tiny_llama(300, layers=2),
+                                    peft.LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+        args = TrainingArguments(output_dir=str(out), report_to="none", remove_unused_columns=False,
+                                 use_cpu=True, max_steps=max_steps, per_device_train_batch_size=3,
+                                 save_strategy="steps", save_steps=1, learning_rate=1e-2, seed=0)
+        sel = SelectionArguments(method="sstoken", history="ema", ema_alpha=0.5, save_scores=0)
+        t = SelectionTrainer(model=model, args=args, train_dataset=ExampleDataset(ex),
+                             data_collator=Collator(tok.pad_token_id), processing_class=tok,
+                             selection=sel, examples=ex)
+        t.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, t
+
+    straight, _ = run(tmp_path / "a", 2)
+    run(tmp_path / "b", 2)
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "checkpoint-2")
+    assert (tmp_path / "b" / "checkpoint-1" / "sstoken_ema.safetensors").exists()
+    resumed, t = run(tmp_path / "b", 2, resume=str(tmp_path / "b" / "checkpoint-1"))
+    assert max((straight[n] - resumed[n]).abs().max().item() for n in straight) < 1e-6

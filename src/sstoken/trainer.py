@@ -84,12 +84,24 @@ class TrainableEMA:
                     p.copy_(backup[n])
 
 
+EMA_FILE = "sstoken_ema.safetensors"
+
+
 class _EMACallback(TrainerCallback):
+    """Update the EMA after every optimizer step; save it with every checkpoint."""
+
     def __init__(self, ema: TrainableEMA):
         self.ema = ema
 
     def on_step_end(self, args, state, control, **kwargs):
         self.ema.update()
+
+    def on_save(self, args, state, control, **kwargs):
+        from safetensors.torch import save_file
+
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(ckpt):
+            save_file({n: t.contiguous() for n, t in self.ema.shadow.items()}, os.path.join(ckpt, EMA_FILE))
 
 
 @contextlib.contextmanager
@@ -130,6 +142,21 @@ class SelectionTrainer(Trainer):
         self._stats = defaultdict(float)
         self.records: dict[str, dict] = {}
 
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """The Trainer's train; on resume, the EMA history is restored from the checkpoint."""
+        if resume_from_checkpoint and self.ema is not None:
+            from safetensors.torch import load_file
+            from transformers.trainer_utils import get_last_checkpoint
+
+            ckpt = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) \
+                else get_last_checkpoint(self.args.output_dir)
+            path = os.path.join(ckpt, EMA_FILE)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: the checkpoint has no EMA history to resume from")
+            for n, t in load_file(path).items():
+                self.ema.shadow[n].copy_(t)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def _has_cached_history(self) -> bool:
         ds = self.train_dataset
         return ds is not None and len(ds) > 0 and "history_loss" in ds[0]
@@ -164,6 +191,15 @@ class SelectionTrainer(Trainer):
         with adapter_disabled(model), _eval_mode(unwrap(model)):
             return forward_token_losses(unwrap(model), **kw)
 
+    def with_history(self, model, inputs, resp, gamma):
+        """Add online ``history_loss`` (B, L) to the inputs when sstoken needs it and no cache
+        supplied it. Runs before the training forward: an EMA swap must not modify weights
+        that the training graph has saved for backward."""
+        if self.sel.method == "sstoken" and gamma > 0 and "history_loss" not in inputs:
+            hist = self.history_losses(model, inputs["input_ids"], inputs["attention_mask"], resp)
+            inputs = {**inputs, "history_loss": hist}
+        return inputs
+
     def select(self, inputs, cur, resp, attn, gamma):
         """Keep mask (B, L) and the per-token parts of the score, per method."""
         sel, parts = self.sel, {}
@@ -181,11 +217,7 @@ class SelectionTrainer(Trainer):
             parts["score"] = score
         else:  # sstoken
             if gamma > 0:
-                hist = inputs.get("history_loss")
-                if hist is None:
-                    hist = self.history_losses(self.model, inputs["input_ids"],
-                                               inputs["attention_mask"], resp)
-                rel = excess_loss(hist, cur, resp)
+                rel = excess_loss(inputs["history_loss"], cur, resp)
                 rel_norm = minmax_normalize(rel, resp)
                 parts.update(rel=rel, rel_norm=rel_norm)
             else:
@@ -205,6 +237,7 @@ class SelectionTrainer(Trainer):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         resp = response_mask(inputs["labels"])
         gamma = self.effective_gamma()
+        inputs = self.with_history(model, inputs, resp, gamma)   # before the training forward
         want_attn = self.hook is not None and gamma < 1
         if want_attn:
             self.hook.arm(attention_mask.bool() & ~resp)            # P: non-pad, not response
