@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "eval": "evaluate a model or adapter with lm-evaluation-harness (offline preset ships)",
     "compare": "put several evaluations side by side (table + plot)",
     "show": "HTML page of which tokens were selected, with plots",
+    "sweep": "run a grid of trainings from one YAML (resumable), evaluate and compare them",
 }
 
 
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_compare_parser(sub)
     except ImportError:
         pass
+    from .sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     try:
         from .report import add_show_parser
 

@@ -62,6 +62,7 @@ class DataArguments:
     skip_invalid: bool = _h("Skip and count invalid records instead of stopping at the first.",
                             default=False)
     max_samples: int | None = _h("Use only the first N valid samples.", default=None)
+    skip_samples: int = _h("Skip the first N records (e.g. to hold out part of a pool).", default=0)
     split: str = _h("Split to read from a datasets folder or hub dataset.", default="train")
 
 

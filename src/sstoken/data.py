@@ -304,14 +304,19 @@ def build_examples(records: Iterable[tuple[str, Any]], tokenizer, template: str 
 
 def load_examples(source: str, tokenizer, template: str = "tulu", max_seq_length: int = 2048,
                   skip_invalid: bool = False, limit: int | None = None, split: str = "train",
-                  ) -> tuple[list[Example], LoadStats]:
-    """Read ``source`` (file, folder, dataset name or ``embedded:gsm8k``) into examples."""
+                  skip: int = 0) -> tuple[list[Example], LoadStats]:
+    """Read ``source`` (file, folder, dataset name or ``embedded:gsm8k``) into examples,
+    skipping the first ``skip`` records."""
     if source.startswith("embedded:"):
         from .embedded import embedded_records
 
         records = embedded_records(source.split(":", 1)[1])
     else:
         records = read_records(source, split=split)
+    if skip:
+        import itertools
+
+        records = itertools.islice(records, skip, None)
     return build_examples(records, tokenizer, template, max_seq_length, skip_invalid, limit)
 
 

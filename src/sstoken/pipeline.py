@@ -104,7 +104,7 @@ def run_score(model: str, data_args: DataArguments, model_args: ModelArguments,
     tok = load_tokenizer(model)
     examples, stats = load_examples(data_args.data, tok, data_args.template,
                                     data_args.max_seq_length, data_args.skip_invalid,
-                                    data_args.max_samples, data_args.split)
+                                    data_args.max_samples, data_args.split, data_args.skip_samples)
     log(stats.summary())
     root = Path(cache_root) if cache_root else cache_dir()
     t0 = time.time()
@@ -187,7 +187,7 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, sel_args: Se
     tok = load_tokenizer(model_args.model)
     examples, stats = load_examples(data_args.data, tok, data_args.template,
                                     data_args.max_seq_length, data_args.skip_invalid,
-                                    data_args.max_samples, data_args.split)
+                                    data_args.max_samples, data_args.split, data_args.skip_samples)
     log(f"data: {stats.summary()}")
     if not examples:
         raise ValueError(f"{data_args.data}: no usable examples")
@@ -293,3 +293,50 @@ def run_merge(base: str, adapter: str, out_dir: str, dtype: str = "float32") -> 
     path = merge_and_save(resolve_model(base), adapter, out_dir, dtype)
     log(f"merged {adapter} into {base} -> {path}")
     return path
+
+
+def run_score_records(model: str, adapter: str | None, data_args: DataArguments,
+                      sel_args: SelectionArguments, model_args: ModelArguments | None = None,
+                      max_examples: int = 50, batch_size: int = 4, cache_root: str | None = None,
+                      ) -> list[dict]:
+    """Score and select without training (for ``sstoken show --model ... --data ...``).
+
+    With ``adapter`` (a trained LoRA) the history model is the base (adapter disabled) and the
+    current model is base + adapter, so REL shows what training has learned; without one the
+    two coincide and REL is 0 (attention alone decides, as at the first training step).
+    Reference losses for rho1/tokencleaning come from the cache (computed if absent).
+    """
+    from transformers import TrainingArguments
+
+    from .trainer import SelectionTrainer
+
+    model_args = model_args or ModelArguments(model=model)
+    tok = load_tokenizer(model)
+    examples, stats = load_examples(data_args.data, tok, data_args.template,
+                                    data_args.max_seq_length, data_args.skip_invalid,
+                                    max_examples, data_args.split, data_args.skip_samples)
+    log(f"data: {stats.summary()}")
+    root = Path(cache_root) if cache_root else cache_dir()
+    if sel_args.method == "rho1":
+        losses_for(sel_args.ref_model, examples, data_args, model_args, root, "ref_loss")
+    if sel_args.method == "tokencleaning":
+        losses_for(model, examples, data_args, model_args, root, "base_loss")
+        losses_for(sel_args.ref_model, examples, data_args, model_args, root, "ref_loss")
+        tokencleaning_keep(examples, sel_args.rho, sel_args.scope if sel_args.scope != "batch" else "pool")
+    m = load_model(model, model_args.dtype, model_args.attn_implementation).to(default_device())
+    if adapter:
+        from peft import PeftModel
+
+        m = PeftModel.from_pretrained(m, adapter)
+    sel = replace(sel_args, save_scores=len(examples))
+    args = TrainingArguments(output_dir="/tmp/sstoken-score-records", report_to="none",
+                             remove_unused_columns=False, use_cpu=default_device().type == "cpu")
+    trainer = SelectionTrainer(model=m, args=args, selection=sel, processing_class=tok,
+                               loss_chunk_size=model_args.loss_chunk_size, examples=examples)
+    collate = Collator(tok.pad_token_id)
+    ds = ExampleDataset(examples)
+    device = default_device()
+    for s in progress(range(0, len(examples), batch_size), desc="scoring"):
+        batch = collate([ds[k] for k in range(s, min(s + batch_size, len(examples)))])
+        trainer.score_batch({k: v.to(device) for k, v in batch.items()})
+    return list(trainer.records.values())

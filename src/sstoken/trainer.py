@@ -233,7 +233,8 @@ class SelectionTrainer(Trainer):
             keep = select_top_per_sample(score, resp, sel.rho)
         return keep, parts
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def forward_select(self, model, inputs):
+        """One forward with selection: ``(cur (B, L) with grad, resp, keep, parts, gamma, inputs)``."""
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         resp = response_mask(inputs["labels"])
         gamma = self.effective_gamma()
@@ -247,6 +248,17 @@ class SelectionTrainer(Trainer):
         expected = expected_kept(inputs, self.sel)
         if int(keep.sum()) != expected:
             raise RuntimeError(f"kept {int(keep.sum())} tokens, expected {expected}")
+        return cur, resp, keep, parts, gamma, inputs
+
+    @torch.no_grad()
+    def score_batch(self, inputs) -> None:
+        """Score and select one batch without training; records go to ``self.records``."""
+        with _eval_mode(unwrap(self.model)):
+            cur, resp, keep, parts, gamma, inputs = self.forward_select(self.model, inputs)
+        self._save_records(inputs, cur, resp, keep, parts, gamma)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cur, resp, keep, parts, gamma, inputs = self.forward_select(model, inputs)
         if num_items_in_batch is None:
             n = keep.sum().clamp(min=1)
         else:

@@ -1,0 +1,347 @@
+"""Step cost of every selection method against plain SFT, in one process, on one batch.
+
+    python bench/bench.py --shape tiny      # CPU smoke (seconds)
+    python bench/bench.py --shape smollm2   # the real SmolLM2-135M (CPU: minutes)
+    python bench/bench.py --shape 3b        # random Llama-3.2-3B shape (GPU)
+
+For each variant: median step time (forward + selection + backward + AdamW step) over
+``--steps`` after ``--warmup``, tokens/s, peak memory (CUDA: max_memory_allocated; CPU: peak
+RSS sampled every millisecond, minus the RSS before the variant) and the ratio to ``full``.
+Then the per-token scoring pass (``sstoken score``: no grad, chunked loss) against a naive HF
+forward with full fp32 logits, and the attention-score computation alone (eager B x H x L x L
+against the fused indicator-value SDPA call). Results are appended to BENCHMARKS.md (machine,
+versions, date, command) and written as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from sstoken import attention, scoring  # noqa: E402
+from sstoken.config import SelectionArguments  # noqa: E402
+from sstoken.modeling import add_lora, forward_token_losses  # noqa: E402
+from sstoken.trainer import SelectionTrainer  # noqa: E402
+
+SHAPES = {
+    # name: (layers, hidden, heads, kv_heads, intermediate, vocab)
+    "tiny": (2, 64, 4, 2, 128, 512),
+    "3b": (28, 3072, 24, 8, 8192, 128256),
+}
+
+
+class PeakMemory:
+    """Peak memory of a region: CUDA allocator peak, or sampled RSS on CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self._rss()
+            self.peak, self._stop = self.base, False
+
+            def sample():
+                while not self._stop:
+                    self.peak = max(self.peak, self._rss())
+                    time.sleep(0.001)
+
+            self._t = threading.Thread(target=sample, daemon=True)
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+            self.extra_bytes = self.peak_bytes - self.base
+        else:
+            self._stop = True
+            self._t.join()
+            self.peak_bytes = self.peak
+            self.extra_bytes = self.peak - self.base
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(shape: str, device, dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if shape == "smollm2":
+        from sstoken.embedded import embedded_model_dir
+
+        model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=dtype,
+                                                     attn_implementation="sdpa")
+    else:
+        L, H, nh, kv, I, V = SHAPES[shape]
+        cfg = LlamaConfig(num_hidden_layers=L, hidden_size=H, num_attention_heads=nh,
+                          num_key_value_heads=kv, intermediate_size=I, vocab_size=V,
+                          max_position_embeddings=8192, tie_word_embeddings=False)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype)
+        model.set_attn_implementation("sdpa")
+    model.to(device)
+    return add_lora(model, 64, 16, 0.0, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+
+
+def make_batch(B, L, V, device, prompt_frac=0.25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, L), generator=g)
+    labels = ids.clone()
+    labels[:, : int(L * prompt_frac)] = -100
+    labels[:, 0] = -100
+    am = torch.ones(B, L, dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": am, "labels": labels,
+             "index": torch.arange(B)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def naive_step_loss(model, batch):
+    """The anchor: HF forward with full logits, fp32 per-token cross-entropy, mean over R."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lp = scoring.token_losses_from_logits(logits, batch["input_ids"])
+    resp = batch["labels"] != -100
+    return (lp * resp).sum() / resp.sum()
+
+
+def bench_variants(model, batch, device, steps, warmup, chunk):
+    from transformers import TrainingArguments
+
+    resp = (batch["labels"] != -100)
+    resp[:, 0] = False
+    with torch.no_grad():
+        base_losses = forward_token_losses(model, batch["input_ids"], batch["attention_mask"], resp, chunk)
+    cached = {**batch, "history_loss": base_losses, "ref_loss": base_losses,
+              "keep": scoring.select_top_per_sample(torch.rand_like(base_losses), resp, 0.6).float()}
+    variants = [
+        ("full (naive: full fp32 logits)", None, batch),
+        ("full", SelectionArguments(method="full"), batch),
+        ("random", SelectionArguments(method="random"), batch),
+        ("rho1 (cached reference)", SelectionArguments(method="rho1", ref_model="x"), cached),
+        ("tokencleaning (precomputed)", SelectionArguments(method="tokencleaning", ref_model="x"), cached),
+        ("sstoken (cached history)", SelectionArguments(method="sstoken"), cached),
+        ("sstoken (online history)", SelectionArguments(method="sstoken"), batch),
+        ("sstoken (EMA history)", SelectionArguments(method="sstoken", history="ema"), batch),
+    ]
+    args = TrainingArguments(output_dir="/tmp/sstoken-bench", report_to="none", use_cpu=device.type == "cpu",
+                             remove_unused_columns=False, max_steps=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    tokens = int(batch["attention_mask"].sum())
+    rows = []
+    for name, sel, inputs in variants:
+        impl_before = model.get_base_model().config._attn_implementation
+        trainer = None
+        if sel is not None:
+            sel.save_scores = 0
+            trainer = SelectionTrainer(model=model, args=args, selection=sel, loss_chunk_size=chunk)
+        model.train()
+        times = []
+        with PeakMemory(device) as mem:
+            for s in range(warmup + steps):
+                sync(device)
+                t0 = time.perf_counter()
+                if trainer is None:
+                    loss = naive_step_loss(model, inputs)
+                else:
+                    from sstoken.trainer import expected_kept
+
+                    n = torch.tensor(float(expected_kept(inputs, sel)), device=device)
+                    loss = trainer.compute_loss(model, inputs, num_items_in_batch=n)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync(device)
+                if s >= warmup:
+                    times.append(time.perf_counter() - t0)
+        if trainer is not None and trainer.hook is not None:
+            model.get_base_model().set_attn_implementation(impl_before.replace("sstoken_", ""))
+        med = statistics.median(times)
+        rows.append({"variant": name, "median_s": med, "tokens_per_s": tokens / med,
+                     "peak_gib": mem.peak_bytes / 2**30, "extra_gib": mem.extra_bytes / 2**30})
+        print(f"  {name:34s} {med * 1e3:9.1f} ms  {tokens / med:9.0f} tok/s  "
+              f"peak {mem.peak_bytes / 2**30:6.2f} GiB", flush=True)
+        del trainer
+    full = next(r for r in rows if r["variant"] == "full")
+    for r in rows:
+        r["time_ratio"] = r["median_s"] / full["median_s"]
+        r["mem_ratio"] = r["peak_gib"] / full["peak_gib"] if full["peak_gib"] else float("nan")
+    return rows
+
+
+@torch.no_grad()
+def bench_score_pass(model, batch, device, steps, chunk):
+    model.eval()
+    resp = batch["labels"] != -100
+    out = {}
+    for name, fn in [
+        ("naive HF forward, full fp32 logits", lambda: scoring.token_losses_from_logits(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["input_ids"])),
+        ("sstoken score (chunked)", lambda: forward_token_losses(
+            model, batch["input_ids"], batch["attention_mask"], resp, chunk)),
+    ]:
+        fn()
+        times = []
+        with PeakMemory(device) as mem:
+            for _ in range(steps):
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        out[name] = {"median_s": med, "tokens_per_s": int(batch["attention_mask"].sum()) / med,
+                     "peak_gib": mem.peak_bytes / 2**30}
+        print(f"  {name:34s} {med * 1e3:9.1f} ms  {out[name]['tokens_per_s']:9.0f} tok/s  "
+              f"peak {mem.peak_bytes / 2**30:6.2f} GiB", flush=True)
+    model.train()
+    return out
+
+
+def bench_attention(B, H, Hkv, L, D, device, dtype, steps=5):
+    """Eager (materialize B x H x L x L) against the fused indicator-value SDPA."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(B, H, L, D, generator=g).to(device, dtype)
+    k = torch.randn(B, Hkv, L, D, generator=g).to(device, dtype)
+    prompt = torch.zeros(B, L, dtype=torch.bool, device=device)
+    prompt[:, : L // 4] = True
+    scale = D ** -0.5
+    res = {}
+
+    def eager():
+        kk = k.repeat_interleave(H // Hkv, dim=1)
+        s = (q @ kk.transpose(-1, -2)).float() * scale
+        s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=device).tril(), float("-inf"))
+        return scoring.attn_prompt_mass_from_probs(torch.softmax(s, -1), prompt)
+
+    def fused():
+        return scoring.attn_prompt_mass(q, k, prompt, None, scale)
+
+    ref = None
+    for name, fn in [("eager (B x H x L x L)", eager), ("fused SDPA, indicator value", fused)]:
+        try:
+            fn()
+            times = []
+            with PeakMemory(device) as mem:
+                for _ in range(steps):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    out = fn()
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+            ref = out if ref is None else ref
+            res[name] = {"median_ms": statistics.median(times) * 1e3, "extra_gib": mem.extra_bytes / 2**30,
+                         "max_abs_err_vs_eager": float((out.float() - ref.float()).abs().max())}
+        except torch.OutOfMemoryError:
+            res[name] = {"median_ms": None, "extra_gib": None, "note": "out of memory"}
+        print(f"  L={L:5d} {name:30s} {res[name]}", flush=True)
+    return res
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    return f"CPU only ({platform.processor() or platform.machine()}), {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def versions() -> str:
+    import peft
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+
+
+def to_markdown(res) -> str:
+    lines = [f"### {res['shape']} - batch {res['batch']} x {res['seq']} tokens, {res['dtype']}, LoRA r64 (all linear)",
+             "", f"- date: {res['date']}", f"- machine: {res['machine']}", f"- versions: {res['versions']}",
+             f"- command: `{res['command']}`", "",
+             "| variant | median step | tokens/s | peak memory | time vs full | memory vs full |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in res["steps"]:
+        lines.append(f"| {r['variant']} | {r['median_s'] * 1e3:.1f} ms | {r['tokens_per_s']:.0f} | "
+                     f"{r['peak_gib']:.2f} GiB | {r['time_ratio']:.3f}x | {r['mem_ratio']:.3f}x |")
+    lines += ["", "| scoring pass | median | tokens/s | peak memory |", "| --- | ---: | ---: | ---: |"]
+    for name, r in res["score_pass"].items():
+        lines.append(f"| {name} | {r['median_s'] * 1e3:.1f} ms | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} GiB |")
+    lines += ["", "| attention score, one layer | L | median | extra memory | max abs err vs eager |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for L, d in res["attention"].items():
+        for name, r in d.items():
+            ms = f"{r['median_ms']:.2f} ms" if r.get("median_ms") is not None else r.get("note", "-")
+            ex = f"{r['extra_gib']:.3f} GiB" if r.get("extra_gib") is not None else "-"
+            err = f"{r['max_abs_err_vs_eager']:.1e}" if "max_abs_err_vs_eager" in r else "-"
+            lines.append(f"| {name} | {L} | {ms} | {ex} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=["tiny", "smollm2", "3b"], default="tiny")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=1024, help="loss chunk size (rows)")
+    p.add_argument("--attn-lengths", default=None, help="comma-separated L for the attention micro-benchmark")
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to append to ('' = none)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    defaults = {"tiny": (4, 128), "smollm2": (2, 256), "3b": (4, 2048)}[a.shape]
+    B, L = a.batch or defaults[0], a.seq or defaults[1]
+    print(f"[bench] {a.shape} on {machine()}; {versions()}; batch {B} x {L}", flush=True)
+    model = build(a.shape, device, dtype)
+    cfg = model.get_base_model().config
+    batch = make_batch(B, L, cfg.vocab_size, device)
+    res = {"shape": a.shape, "batch": B, "seq": L, "dtype": str(dtype).replace("torch.", ""),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+           "versions": versions(), "command": "python bench/bench.py " + " ".join(argv or sys.argv[1:])}
+    print("[bench] training steps", flush=True)
+    res["steps"] = bench_variants(model, batch, device, a.steps, a.warmup, a.chunk)
+    print("[bench] scoring pass", flush=True)
+    res["score_pass"] = bench_score_pass(model, batch, device, a.steps, a.chunk)
+    print("[bench] attention score", flush=True)
+    lengths = [int(x) for x in a.attn_lengths.split(",")] if a.attn_lengths else [L]
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    res["attention"] = {str(l): bench_attention(B, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                l, hd, device, dtype) for l in lengths}
+    md = to_markdown(res)
+    print(md)
+    if a.out:
+        path = Path(a.out)
+        head = "" if path.exists() else "# Benchmarks\n\nWritten by `bench/bench.py`; newest last.\n\n"
+        with open(path, "a") as f:
+            f.write(head + md + "\n")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""``sstoken sweep``: a grid of training runs from one YAML, resumable, evaluated and compared.
+
+Example (``configs/sweep-smollm2.yaml``)::
+
+    output_dir: outputs/sweep
+    base:                       # `sstoken train` options shared by every run
+      model: embedded:smollm2-135m-instruct
+      data: embedded:gsm8k
+      max_samples: 256
+    reference:                  # optional: trained once by `train-ref`, passed as --ref_model
+      data: embedded:gsm8k
+      skip_samples: 1000        # e.g. a held-out part of the pool as the high-quality subset
+    grid:                       # each entry: lists are expanded as a product
+      - {method: full}
+      - {method: sstoken, gamma: [0.0, 0.5, 1.0], rho: [0.6]}
+      - {method: rho1}
+    seeds: [0, 1]
+    eval: {preset: offline, limit: 100, include_base: true}
+
+Every run lands in ``<output_dir>/runs/<name>/``; a run whose ``sstoken_run.json`` and
+``eval.json`` exist is skipped, so an interrupted sweep continues where it stopped. The base
+model's per-token losses are scored once (``sstoken score``) and found by every sstoken run
+through the cache; the reference model's once and found by every rho1/tokencleaning run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .pipeline import log
+
+NEEDS_REF = ("rho1", "tokencleaning")
+
+
+def _fmt(v: Any) -> str:
+    return str(v).replace("/", "_").replace(" ", "")
+
+
+def expand(spec: dict) -> list[dict]:
+    """The runs of a sweep spec: ``[{"name", "options"}]`` in grid order, seeds innermost."""
+    grid = spec.get("grid") or [{"method": "full"}]
+    seeds = spec.get("seeds") or [0]
+    runs, seen = [], set()
+    for entry in grid:
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise ValueError(f"each grid entry needs a method, got {entry!r}")
+        keys = list(entry)
+        values = [v if isinstance(v, list) else [v] for v in entry.values()]
+        for combo in itertools.product(*values):
+            opts = dict(zip(keys, combo))
+            varying = [k for k, v in zip(keys, values) if len(v) > 1 or k in ("gamma", "rho", "attn_layer")]
+            base_name = opts["method"] + "".join(f"-{k}{_fmt(opts[k])}" for k in varying if k != "method")
+            for seed in seeds:
+                name = f"{base_name}-seed{seed}"
+                if name in seen:
+                    raise ValueError(f"two grid entries give the run name {name}")
+                seen.add(name)
+                runs.append({"name": name, "options": {**opts, "seed": seed}})
+    return runs
+
+
+def _flags(options: dict) -> list[str]:
+    out = []
+    for k, v in options.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = None) -> dict:
+    from .config import parse_train_args
+    from .pipeline import run_score, run_train
+
+    spec = yaml.safe_load(Path(spec_path).read_text())
+    if not isinstance(spec, dict):
+        raise ValueError(f"{spec_path}: expected a mapping")
+    root = Path(spec.get("output_dir", "outputs/sweep"))
+    base = dict(spec.get("base") or {})
+    runs = expand(spec)
+    if only:
+        runs = [r for r in runs if any(o in r["name"] for o in only)]
+    log(f"sweep {spec_path}: {len(runs)} runs in {root}")
+    if dry_run:
+        for r in runs:
+            print(r["name"], _flags(r["options"]))
+        return {"runs": runs}
+    root.mkdir(parents=True, exist_ok=True)
+    ev = spec.get("eval") or {}
+    ref_dir = None
+    if any(r["options"]["method"] in NEEDS_REF and "ref_model" not in r["options"] for r in runs):
+        ref_dir = _reference(spec, base, root)
+    # score the base model once: every sstoken run finds the losses in the cache
+    if any(r["options"]["method"] == "sstoken" for r in runs):
+        m, d, s, _ = parse_train_args(_flags({**base, "output_dir": str(root / "score")}))
+        run_score(m.model, d, m, s.cache_dir)
+    done = []
+    for r in runs:
+        out = root / "runs" / r["name"]
+        finished = (out / "sstoken_run.json").exists() and (not ev or (out / "eval.json").exists())
+        if finished:
+            log(f"{r['name']}: done already, skipped")
+            done.append(out)
+            continue
+        opts = {**base, **r["options"], "output_dir": str(out)}
+        if opts["method"] in NEEDS_REF and "ref_model" not in opts:
+            opts["ref_model"] = str(ref_dir)
+        if not (out / "sstoken_run.json").exists():
+            log(f"{r['name']}: training")
+            run_train(*parse_train_args(_flags(opts)))
+        if ev:
+            _evaluate(opts["model"], str(out), out, ev)
+        done.append(out)
+    if ev and ev.get("include_base", True):
+        b = root / "runs" / "base"
+        if not (b / "eval.json").exists():
+            _evaluate(base.get("model", "embedded:smollm2-135m-instruct"), None, b, ev)
+        done.insert(0, b)
+    result = {"runs": [str(d) for d in done]}
+    if ev:
+        from .evaluate import compare
+
+        result["compare"] = compare([str(d) for d in done], str(root / "compare"))
+    (root / "sweep.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _reference(spec: dict, base: dict, root: Path) -> Path:
+    """Train the reference model once (``train-ref``), merged, under ``<root>/reference``."""
+    from .config import parse_train_args
+    from .pipeline import run_merge, run_train
+
+    out = root / "reference"
+    merged = out / "merged"
+    if (merged / "config.json").exists():
+        return merged
+    ref = dict(spec.get("reference") or {})
+    if not ref:
+        raise ValueError("rho1/tokencleaning runs need `reference:` (data for train-ref) or a ref_model")
+    opts = {**base, **ref, "method": "full", "output_dir": str(out)}
+    log("training the reference model")
+    run_train(*parse_train_args(_flags(opts)))
+    model = opts.get("model", "embedded:smollm2-135m-instruct")
+    if opts.get("finetune", "lora") == "lora":
+        run_merge(model, str(out), str(merged))
+    else:
+        merged = out
+    return merged
+
+
+def _evaluate(model: str, adapter: str | None, out: Path, ev: dict) -> None:
+    from .evaluate import evaluate
+
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"evaluating {adapter or model} ({ev.get('preset', 'offline')}, limit {ev.get('limit')})")
+    evaluate(model=model, adapter=adapter, preset=ev.get("preset", "offline"), tasks=ev.get("tasks"),
+             limit=ev.get("limit"), batch_size=ev.get("batch_size", 8), device=ev.get("device", "cpu"),
+             num_fewshot=ev.get("num_fewshot"), output_dir=str(out))
+
+
+def add_sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="run a grid of trainings from one YAML (resumable), "
+                                     "evaluate and compare them",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="sweep YAML")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their flags only")
+    p.add_argument("--only", nargs="*", default=None, help="run only runs whose name contains one of these")
+    p.set_defaults(func=lambda a: (run_sweep(a.spec, a.dry_run, a.only), 0)[1])
