@@ -226,7 +226,8 @@ def _finish(trainer, model, tok, model_args, data_args, sel_args, stats, out_dir
     _restore_attn(model, model_args.attn_implementation)
     trainer.save_model(str(out_dir))          # adapter (LoRA) or full weights, + tokenizer
     trainer.save_state()
-    scores = trainer.write_records(str(out_dir / "selection.jsonl"))
+    main_process = trainer.is_world_process_zero()
+    scores = trainer.write_records(str(out_dir / "selection.jsonl")) if main_process else None
     hist = [h for h in trainer.state.log_history if "loss" in h]
     summary = {
         "method": sel_args.method, "rho": sel_args.rho, "gamma": sel_args.gamma,
@@ -237,7 +238,10 @@ def _finish(trainer, model, tok, model_args, data_args, sel_args, stats, out_dir
         "output_dir": str(out_dir), "scores": scores, **extra,
         "config": {k: v for k, v in to_dict(model_args, data_args, sel_args).items()},
     }
-    (out_dir / "sstoken_run.json").write_text(json.dumps(summary, indent=2, default=str))
+    if main_process:
+        tmp = out_dir / "sstoken_run.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        tmp.replace(out_dir / "sstoken_run.json")
     return summary
 
 
