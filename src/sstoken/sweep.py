@@ -71,7 +71,8 @@ def _flags(options: dict) -> list[str]:
     return out
 
 
-def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = None) -> dict:
+def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = None,
+              no_eval: bool = False) -> dict:
     from .config import parse_train_args
     from .pipeline import run_score, run_train
 
@@ -89,7 +90,7 @@ def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = No
             print(r["name"], _flags(r["options"]))
         return {"runs": runs}
     root.mkdir(parents=True, exist_ok=True)
-    ev = spec.get("eval") or {}
+    ev = {} if no_eval else (spec.get("eval") or {})
     ref_dir = None
     if any(r["options"]["method"] in NEEDS_REF and "ref_model" not in r["options"] for r in runs):
         ref_dir = _reference(spec, base, root)
@@ -168,4 +169,5 @@ def add_sweep_parser(sub) -> None:
     p.add_argument("spec", help="sweep YAML")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their flags only")
     p.add_argument("--only", nargs="*", default=None, help="run only runs whose name contains one of these")
-    p.set_defaults(func=lambda a: (run_sweep(a.spec, a.dry_run, a.only), 0)[1])
+    p.add_argument("--no-eval", action="store_true", help="train only (evaluate in a later call)")
+    p.set_defaults(func=lambda a: (run_sweep(a.spec, a.dry_run, a.only, a.no_eval), 0)[1])
