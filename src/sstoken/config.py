@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .embedded import EMBEDDED_DATA, EMBEDDED_MODEL
+from .progress import quiet
 
 METHODS = ("full", "random", "rho1", "tokencleaning", "sstoken")
 
@@ -136,13 +137,6 @@ TRAIN_DEFAULTS = {
     "report_to": "none",
     "remove_unused_columns": False,
 }
-
-
-def quiet() -> bool:
-    """Progress bars off in CI and when stderr is not a terminal (log files)."""
-    import os
-
-    return bool(os.environ.get("CI")) or not sys.stderr.isatty()
 
 
 def parser():

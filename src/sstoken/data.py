@@ -268,8 +268,10 @@ def build_examples(records: Iterable[tuple[str, Any]], tokenizer, template: str 
     """Records -> tokenized, labelled, truncated examples, with counts of what was dropped."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("sstoken needs a fast tokenizer (offset mapping) to mask prompts exactly")
+    from .progress import progress
+
     stats, examples, seen = LoadStats(), [], {}
-    for where, rec in records:
+    for where, rec in progress(records, desc="tokenizing", unit="rec", total=limit):
         if limit is not None and stats.examples >= limit:
             break
         stats.records += 1

@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import TRAIN_DEFAULTS, DataArguments, ModelArguments, SelectionArguments, quiet
+from .config import TRAIN_DEFAULTS, DataArguments, ModelArguments, SelectionArguments
+from .progress import quiet
 from .embedded import EMBEDDED_DATA, EMBEDDED_MODEL, embedded_model_dir
 from .pipeline import log, run_merge, run_train
 

@@ -12,26 +12,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import cache as cache_mod
 from .cache import CacheError
 from .config import DataArguments, ModelArguments, SelectionArguments, to_dict
 from .data import Collator, Example, ExampleDataset, load_examples
 from .embedded import cache_dir, resolve_model
+from .progress import progress
 from .modeling import add_lora, forward_token_losses, load_model, load_tokenizer, pick_dtype
 from .scoring import num_keep, select_top_flat, select_top_per_sample
 
 
 def log(msg: str) -> None:
     print(f"[sstoken] {msg}", flush=True)
-
-
-def progress(iterable=None, **kw):
-    """tqdm that stays quiet in CI and non-terminal logs."""
-    from .config import quiet
-
-    return tqdm(iterable, disable=quiet(), dynamic_ncols=True, **kw)
 
 
 def default_device() -> torch.device:
