@@ -107,3 +107,13 @@ def test_results_table_handles_missing_values():
     t = results_table([{"results": {"arc_easy": {"acc": 0.5, "acc_stderr": None}}},
                        {"results": {"mmlu": {"acc": 0.3, "acc_stderr": 0.1}}}], ["x", "y"])
     assert "| x | **50.0** | - | - |" in t
+
+
+def test_tag_without_aggregate_is_averaged():
+    from sstoken.evaluate import PAPER_TASKS, _mean_of_subtasks
+
+    r = _mean_of_subtasks({"tydiqa_goldp_en": {"f1,none": 0.2, "f1_stderr,none": 0.3, "alias": "en"},
+                           "tydiqa_goldp_fi": {"f1,none": 0.4, "f1_stderr,none": 0.4},
+                           "other": {"f1,none": 1.0}}, "tydiqa_goldp")
+    assert r["f1,none"] == pytest.approx(0.3) and r["f1_stderr,none"] == pytest.approx(0.25)
+    assert PAPER_TASKS["tydiqa"][2] == 1 and len(PAPER_TASKS) == 10

@@ -34,7 +34,7 @@ PAPER_TASKS = {
     "mmlu": ("acc", "mmlu", None),
     "arc_challenge": ("acc", "arc_challenge", None),
     "arc_easy": ("acc", "arc_easy", None),
-    "tydiqa": ("f1", "tydiqa_goldp", 1),      # lm-eval has no stock TyDiQA; see docs/evaluation.md
+    "tydiqa": ("f1", "tydiqa_goldp", 1),      # a tag over 9 languages: mean of the subtasks
     "winogrande": ("acc", "winogrande", None),
     "hellaswag": ("acc", "hellaswag", None),
     "logiqa": ("acc", "logiqa", None),
@@ -203,6 +203,25 @@ def _clean_number(v: Any) -> Any:
     return v
 
 
+def _mean_of_subtasks(results: dict, tag: str) -> dict:
+    """A tag without an aggregate (e.g. ``tydiqa_goldp``): the unweighted mean of its subtasks,
+    stderr combined as sqrt(sum se^2) / n."""
+    subs = [v for k, v in results.items() if k.startswith(tag + "_")]
+    out = {}
+    for key in subs[0] if subs else []:
+        if "," not in key or key.split(",")[0].endswith("_stderr"):
+            continue
+        vals = [s.get(key) for s in subs if isinstance(s.get(key), (int, float))]
+        if len(vals) != len(subs):
+            continue
+        out[key] = sum(vals) / len(vals)
+        metric, filt = key.split(",", 1)
+        ses = [s.get(f"{metric}_stderr,{filt}") for s in subs]
+        if all(isinstance(x, (int, float)) for x in ses):
+            out[f"{metric}_stderr,{filt}"] = math.sqrt(sum(x * x for x in ses)) / len(ses)
+    return out
+
+
 def evaluate(model: str, adapter: str | None = None, preset: str = "offline",
              tasks: list[str] | None = None, limit: int | float | None = None, batch_size: int = 8,
              device: str = "cpu", num_fewshot: int | None = None,
@@ -239,11 +258,20 @@ def evaluate(model: str, adapter: str | None = None, preset: str = "offline",
     tok = load_tokenizer(model)
     lm = HFLM(pretrained=m, tokenizer=tok, batch_size=batch_size, device=device)
     fewshot = num_fewshot
-    res = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), num_fewshot=fewshot,
-                                  limit=limit, task_manager=manager, log_samples=False)
+    # one lm-eval call per few-shot setting (the paper runs TyDiQA 1-shot, the rest 0-shot)
+    shots: dict[int | None, list[str]] = {}
+    for short, name in names.items():
+        k = num_fewshot if num_fewshot is not None or preset != "paper" else PAPER_TASKS[short][2]
+        shots.setdefault(k, []).append(name)
+    res = {"results": {}, "n-samples": {}}
+    for k, group in shots.items():
+        r = lm_eval.simple_evaluate(model=lm, tasks=group, num_fewshot=k, limit=limit,
+                                    task_manager=manager, log_samples=False)
+        res["results"].update(r["results"])
+        res["n-samples"].update(r.get("n-samples", {}))
     results = {}
     for short, name in names.items():
-        r = res["results"].get(name, {})
+        r = res["results"].get(name) or _mean_of_subtasks(res["results"], name)
         metrics = {}
         for key, value in r.items():
             if "," not in key or key.startswith("alias"):
