@@ -278,10 +278,10 @@ class SelectionTrainer(Trainer):
         s["resp"] += float(resp.sum())
         if "rel" in parts:
             s["rel_sum"] += float(parts["rel"][resp].sum())
-            s["rel_n"] += 1
+            s["rel_tokens"] += float(resp.sum())
         if "attn_score" in parts and gamma < 1:
             s["attn_sum"] += float(parts["attn_score"][resp].sum())
-            s["attn_n"] += 1
+            s["attn_tokens"] += float(resp.sum())
         if "rel" in parts and "attn_score" in parts and gamma < 1:
             c = pearson(parts["rel"][resp], parts["attn_score"][resp])
             if c == c:
@@ -296,10 +296,10 @@ class SelectionTrainer(Trainer):
         s = self._stats
         if "loss" in logs and s["n"]:
             logs["sel/kept_frac"] = s["kept"] / max(s["resp"], 1)
-            if s["rel_n"]:
-                logs["sel/rel_mean"] = s["rel_sum"] / max(s["resp"], 1)
-            if s["attn_n"]:
-                logs["sel/attn_mean"] = s["attn_sum"] / max(s["resp"], 1)
+            if s["rel_tokens"]:
+                logs["sel/rel_mean"] = s["rel_sum"] / s["rel_tokens"]
+            if s["attn_tokens"]:
+                logs["sel/attn_mean"] = s["attn_sum"] / s["attn_tokens"]
             if s["corr_n"]:
                 logs["sel/rel_attn_corr"] = s["corr_sum"] / s["corr_n"]
             if s["attn_driven_n"]:
