@@ -98,6 +98,7 @@ def test_sweep_expansion_and_resume(tmp_path, tiny_dir, records):
     assert "| base |" in table and "| sstoken-gamma0.5-seed0 |" in table
     s = json.loads((tmp_path / "sw" / "runs" / "sstoken-gamma0.5-seed0" / "sstoken_run.json").read_text())
     assert s["history_losses"] == "cache"                        # scored once, found by the run
+    assert res["report"] and "sstoken-gamma0.5-seed0" in (tmp_path / "sw" / "report.html").read_text()
     mtime = (tmp_path / "sw" / "runs" / "full-seed0" / "sstoken_run.json").stat().st_mtime_ns
     run_sweep(str(tmp_path / "s.yaml"))                          # resumed: nothing is redone
     assert (tmp_path / "sw" / "runs" / "full-seed0" / "sstoken_run.json").stat().st_mtime_ns == mtime

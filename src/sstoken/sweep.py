@@ -125,8 +125,50 @@ def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = No
         from .evaluate import compare
 
         result["compare"] = compare([str(d) for d in done], str(root / "compare"))
+        result["ablation"] = _ablation_plots([d for d in done if (d / "sstoken_run.json").exists()],
+                                             root / "compare")
+    result["report"] = _report([d for d in done if (d / "selection.jsonl").exists()], root)
     (root / "sweep.json").write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _ablation_plots(runs: list[Path], out: Path) -> dict[str, str]:
+    """Average score against gamma and rho for sstoken runs (when the sweep varies them)."""
+    from .evaluate import PRIMARY, _load_eval
+    from .report import plot_ablation
+
+    rows = []
+    for d in runs:
+        s = json.loads((d / "sstoken_run.json").read_text())
+        if s["method"] != "sstoken" or not (d / "eval.json").exists():
+            continue
+        res = _load_eval(d)["results"]
+        vals = [m.get(PRIMARY.get(t, "acc")) for t, m in res.items()]
+        if vals and all(v is not None for v in vals):
+            rows.append({"method": "sstoken", "gamma": s["gamma"], "rho": s["rho"],
+                         "average": 100 * sum(vals) / len(vals)})
+    plots = {}
+    for x in ("gamma", "rho"):
+        if len({r[x] for r in rows}) > 1:
+            p = plot_ablation(rows, x, "average", out / f"ablation_{x}.png")
+            if p:
+                plots[x] = p
+    return plots
+
+
+def _report(runs: list[Path], root: Path) -> str | None:
+    """One page with every run's saved selections side by side, plus training curves."""
+    from .report import plot_training, read_scores, write_html
+
+    if not runs:
+        return None
+    records = []
+    for d in runs:
+        for r in read_scores([d / "selection.jsonl"]):
+            records.append({**r, "method": d.name})
+    plots = plot_training({d.name: str(d) for d in runs if (d / "trainer_state.json").exists()},
+                          root / "compare")
+    return str(write_html(records, root / "report.html", f"sstoken sweep: {root.name}", plots))
 
 
 def _reference(spec: dict, base: dict, root: Path) -> Path:
