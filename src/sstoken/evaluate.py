@@ -232,6 +232,10 @@ def evaluate(model: str, adapter: str | None = None, preset: str = "offline",
     if preset == "offline":
         os.environ["HF_DATASETS_OFFLINE"] = "1"
         os.environ["HF_HUB_OFFLINE"] = "1"
+    from .progress import quiet
+
+    if quiet():
+        os.environ.setdefault("TQDM_DISABLE", "1")       # lm-eval's own bars, off in CI / logs
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
