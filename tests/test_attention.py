@@ -54,7 +54,7 @@ def test_hook_matches_eager_output_attentions(layer, left, impl):
 
 
 def test_hook_through_peft_and_only_when_armed():
-    peft = pytest.importorskip("peft")
+    import peft
     m = tiny_llama(300, layers=2)
     ids, am, resp = batch()
     prompt = am.bool() & ~resp

@@ -13,7 +13,7 @@ import yaml
 from sstoken.evaluate import (OFFLINE_TASKS, PAPER_TASKS, add_compare_parser, add_eval_parser, compare,
                               evaluate, metrics_of, results_table, write_offline_tasks)
 
-lm_eval = pytest.importorskip("lm_eval")
+import lm_eval  # noqa: E402  (installed by scripts/setup.sh; a missing one must fail, not skip)
 STOCK = Path(lm_eval.__file__).parent / "tasks"
 
 
