@@ -88,6 +88,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed(fn, steps: int, device):
+    """One warm-up call, then ``steps`` timed calls: (seconds per call, PeakMemory, last output)."""
+    fn()
+    times, out = [], None
+    with PeakMemory(device) as mem:
+        for _ in range(steps):
+            sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return times, mem, out
+
+
 def build(shape: str, device, dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -205,15 +219,7 @@ def bench_score_pass(model, batch, device, steps, chunk):
         ("sstoken score (chunked)", lambda: forward_token_losses(
             model, batch["input_ids"], batch["attention_mask"], resp, chunk)),
     ]:
-        fn()
-        times = []
-        with PeakMemory(device) as mem:
-            for _ in range(steps):
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                times.append(time.perf_counter() - t0)
+        times, mem, _ = timed(fn, steps, device)
         med = statistics.median(times)
         out[name] = {"median_s": med, "tokens_per_s": int(batch["attention_mask"].sum()) / med,
                      "peak_gib": mem.peak_bytes / 2**30}
@@ -245,15 +251,7 @@ def bench_attention(B, H, Hkv, L, D, device, dtype, steps=5):
     ref = None
     for name, fn in [("eager (B x H x L x L)", eager), ("fused SDPA, indicator value", fused)]:
         try:
-            fn()
-            times = []
-            with PeakMemory(device) as mem:
-                for _ in range(steps):
-                    sync(device)
-                    t0 = time.perf_counter()
-                    out = fn()
-                    sync(device)
-                    times.append(time.perf_counter() - t0)
+            times, mem, out = timed(fn, steps, device)
             ref = out if ref is None else ref
             res[name] = {"median_ms": statistics.median(times) * 1e3, "extra_gib": mem.extra_bytes / 2**30,
                          "max_abs_err_vs_eager": float((out.float() - ref.float()).abs().max())}

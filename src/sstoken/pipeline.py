@@ -64,16 +64,17 @@ def compute_losses(model, examples: list[Example], pad_token_id: int, batch_size
 
 def losses_for(model_name: str, examples: list[Example], data_args: DataArguments,
                model_args: ModelArguments, root: Path, field: str, compute: bool = True,
-               batch_size: int = 8) -> bool:
+               batch_size: int = 8) -> Path | None:
     """Attach ``model_name``'s per-token losses to ``examples.extra[field]`` from the cache,
-    computing and caching them first when ``compute`` (else return False if absent)."""
+    computing and caching them first when ``compute``. Returns the cache entry's folder, or
+    None when it is absent and ``compute`` is False."""
     path = resolve_model(model_name)
     fp = cache_mod.model_fingerprint(path)
     key = cache_mod.cache_key(fp, examples, data_args.template, data_args.max_seq_length)
     found = cache_mod.find(root, key)
     if found is None:
         if not compute:
-            return False
+            return None
         log(f"scoring {len(examples)} examples with {model_name} (cached for later runs)")
         model = load_model(model_name, model_args.dtype, model_args.attn_implementation)
         model.to(default_device())
@@ -88,7 +89,7 @@ def losses_for(model_name: str, examples: list[Example], data_args: DataArgument
     else:
         log(f"using cached losses of {model_name}: {found.path}")
     found.attach(examples, field)
-    return True
+    return found.path
 
 
 def run_score(model: str, data_args: DataArguments, model_args: ModelArguments,
@@ -101,10 +102,7 @@ def run_score(model: str, data_args: DataArguments, model_args: ModelArguments,
     log(stats.summary())
     root = Path(cache_root) if cache_root else cache_dir()
     t0 = time.time()
-    losses_for(model, examples, data_args, model_args, root, "history_loss", batch_size=batch_size)
-    fp = cache_mod.model_fingerprint(resolve_model(model))
-    key = cache_mod.cache_key(fp, examples, data_args.template, data_args.max_seq_length)
-    out = cache_mod.entry_dir(root, key)
+    out = losses_for(model, examples, data_args, model_args, root, "history_loss", batch_size=batch_size)
     log(f"{stats.tokens} tokens in {time.time() - t0:.1f}s -> {out}")
     return out
 

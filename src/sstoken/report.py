@@ -636,6 +636,13 @@ def _response_values(rec: dict, key: str):
     return [(v, s) for v, s in zip(vals, _state(rec)) if s != "p" and _finite(v)]
 
 
+def _panels(n: int, row_height: float):
+    """A grid of ``n`` plot panels, at most 4 per row."""
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    return _figure(3.4 * cols + 0.3, row_height * rows, rows, cols)
+
+
 def plot_score_histograms(records: list[dict], out_path: str | os.PathLike,
                           key: str = "score") -> str | None:
     """Distribution of the combined score of response tokens, one panel per method, stacked by
@@ -649,9 +656,7 @@ def plot_score_histograms(records: list[dict], out_path: str | os.PathLike,
     if not by_method:
         return None
     n = len(by_method)
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = _figure(3.4 * cols + 0.3, 2.9 * rows, rows, cols)
+    fig, axes = _panels(n, 2.9)
     for ax, (m, pts) in zip(axes, by_method.items()):
         groups = [[v for v, s in pts if s == c] for c in "dka"]
         lo, hi = min(v for v, _ in pts), max(v for v, _ in pts)
@@ -688,9 +693,7 @@ def plot_rel_vs_attn(records: list[dict], out_path: str | os.PathLike,
     if not per:
         return None
     n = len(per)
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = _figure(3.4 * cols + 0.3, 3.1 * rows, rows, cols)
+    fig, axes = _panels(n, 3.1)
     for ax, (m, d) in zip(axes, per.items()):
         pts = d["pts"]
         if len(pts) > max_points:
