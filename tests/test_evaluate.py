@@ -225,6 +225,90 @@ def test_metrics_of_lm_eval_results():
                         "exact_match/flexible", "exact_match/flexible_stderr"}
 
 
+def test_heldout_loss_matches_a_per_example_forward(tiny_dir, records, tmp_path):
+    """heldout_loss (batched, padded, chunked loss) against one unpadded full-logit forward per
+    example written here: the mean NLL over each response, then over documents / tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    from sstoken.data import load_examples
+    from sstoken.evaluate import heldout_loss
+    from sstoken.modeling import load_model, load_tokenizer
+
+    data = tmp_path / "h.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records(9, seed=3, multi_turn=True)))
+    model, tok = load_model(tiny_dir, "float32").eval(), load_tokenizer(tiny_dir)
+    got, prov = heldout_loss(model, tok, str(data), skip=2, samples=6, max_seq_length=40, batch_size=4)
+    examples, _ = load_examples(str(data), tok, "tulu", 40, limit=6, skip=2)
+    assert examples[0].id == "ex2" and len(examples) == 6      # skip 2; a too-long one is dropped
+    per_doc, nll = [], []
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([e.input_ids])
+            logits = model(input_ids=ids).logits[0, :-1].double()           # (L-1, V)
+            losses = F.cross_entropy(logits, ids[0, 1:], reduction="none")   # predicts token t+1
+            keep = torch.tensor(e.labels[1:]) != -100
+            per_doc.append(losses[keep].mean().item())
+            nll += losses[keep].tolist()
+    mean = sum(per_doc) / len(per_doc)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in per_doc) / (len(per_doc) - 1))
+    assert got["loss"] == pytest.approx(mean, abs=1e-5)
+    assert got["loss_stderr"] == pytest.approx(sd / math.sqrt(len(per_doc)), abs=1e-5)
+    assert got["token_loss"] == pytest.approx(sum(nll) / len(nll), abs=1e-5)
+    assert got["loss"] != pytest.approx(got["token_loss"], abs=1e-4)    # the two averages differ here
+    assert prov["documents"] == 6 and prov["response_tokens"] == len(nll) and prov["skip"] == 2
+    with pytest.raises(ValueError, match="no examples"):
+        heldout_loss(model, tok, str(data), skip=50)
+
+
+def _seed_run(root: Path, name: str, acc: float, loss: float) -> str:
+    d = root / name
+    d.mkdir()
+    (d / "eval.json").write_text(json.dumps({"results": {
+        "arc_easy": {"acc": acc, "acc_stderr": 0.01},
+        "heldout": {"loss": loss, "loss_stderr": 0.002, "token_loss": loss, "token_loss_stderr": None}}}))
+    return str(d)
+
+
+def test_compare_over_seeds_pairs_by_seed(tmp_path):
+    import statistics
+
+    from scipy.stats import t as student_t
+
+    from sstoken.evaluate import seed_groups
+
+    full = [(0.50, 1.00), (0.52, 1.10), (0.54, 1.20)]
+    sst = [(0.55, 1.01), (0.58, 1.12), (0.57, 1.19)]
+    runs = [_seed_run(tmp_path, "base", 0.40, 1.50)]
+    runs += [_seed_run(tmp_path, f"full-seed{k}", *v) for k, v in enumerate(full)]
+    runs += [_seed_run(tmp_path, f"sstoken-gamma0.5-seed{k}", *v) for k, v in enumerate(sst)]
+    assert seed_groups([Path(r).name for r in runs]) == {
+        "base": {-1: 0}, "full": {0: 1, 1: 2, 2: 3}, "sstoken-gamma0.5": {0: 4, 1: 5, 2: 6}}
+    md = compare(runs, tmp_path / "cmp")["markdown"]
+    # the loss column is in nats, lower is better, and not part of the average
+    assert "| run (n) | arc_easy (acc) | average | heldout (loss, lower is better) |" in md
+    se_full = statistics.stdev([52.0 - 2, 52.0, 52.0 + 2]) / math.sqrt(3)
+    assert f"| full (3) | 52.0 ± {se_full:.1f} | 52.0 ± {se_full:.1f} | **1.100 ± 0.058** |" in md
+    assert "| base (1) | 40.0 | 40.0 | 1.500 |" in md                   # one run: no stderr over seeds
+    assert "| sstoken-gamma0.5 (3) | **56.7 ± 0.9** | **56.7 ± 0.9** | 1.107 ± 0.052 |" in md
+    diffs = [5.0, 6.0, 3.0]                                      # sstoken - full per seed, points
+    m, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(3)
+    h = student_t.ppf(0.975, 2) * se
+    assert f"**{m:+.1f} ± {se:.1f} [{m - h:+.1f}, {m + h:+.1f}]**" in md     # excludes 0: bold
+    dl = [0.01, 0.02, -0.01]
+    ml, sel = statistics.mean(dl), statistics.stdev(dl) / math.sqrt(3)
+    hl = student_t.ppf(0.975, 2) * sel
+    assert f"| {ml:+.3f} ± {sel:.3f} [{ml - hl:+.3f}, {ml + hl:+.3f}] |" in md  # includes 0: plain
+    assert "| base |" not in md.split("Difference to full")[1].split("Every run")[0]  # nothing to pair
+    assert "Every run:" in md and "| full-seed1 | 52.0 ± 1.0 |" in md
+    assert Path(tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    # no baseline group: means only
+    md2 = compare(runs, tmp_path / "cmp2", baseline="nope")["markdown"]
+    assert "Difference to" not in md2 and "| full (3) |" in md2
+    with pytest.raises(ValueError, match="two runs named"):
+        seed_groups(["a-seed0", "a-seed0"])
+
+
 def test_tag_without_aggregate_is_averaged():
     from sstoken.evaluate import _mean_of_subtasks
 
@@ -266,40 +350,17 @@ def test_cli_parsers(tmp_path):
         ("m", "ad", "paper", "mmlu,arc_easy", 50.0, 2, 5, "o") and callable(a.func)
     assert a.apply_chat_template is False and a.dtype == "auto"
     assert p.parse_args(["eval", "--apply-chat-template"]).apply_chat_template is True
+    h = p.parse_args(["eval", "--heldout", "d.jsonl", "--heldout-skip", "5", "--heldout-samples", "7",
+                      "--template", "chat", "--max-seq-length", "64"])
+    assert (h.heldout, h.heldout_skip, h.heldout_samples, h.template, h.max_seq_length) == \
+        ("d.jsonl", 5, 7, "chat", 64) and p.parse_args(["eval"]).heldout is None
     with pytest.raises(SystemExit):
         p.parse_args(["eval", "--preset", "hub"])
     runs = [_fake_run(tmp_path / "a", 0.5, 0.1), _fake_run(tmp_path / "b", 0.6, None)]
     a = p.parse_args(["compare", *runs, "--labels", "base,tuned", "--output-dir", str(tmp_path / "c")])
-    assert a.func(a) == 0
+    assert a.baseline == "full" and a.func(a) == 0
     assert "| tuned | **60.0** |" in (tmp_path / "c" / "compare.md").read_text()
     assert (tmp_path / "c" / "compare.png").exists()
-
-
-def test_sweep_expansion_and_resume(tmp_path, tiny_dir, records):
-    from sstoken.sweep import expand, run_sweep
-
-    spec = {"grid": [{"method": "full"}, {"method": "sstoken", "gamma": [0.0, 1.0]}], "seeds": [0, 1]}
-    names = [r["name"] for r in expand(spec)]
-    assert names == ["full-seed0", "full-seed1", "sstoken-gamma0.0-seed0", "sstoken-gamma0.0-seed1",
-                     "sstoken-gamma1.0-seed0", "sstoken-gamma1.0-seed1"]
-    data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in records(6)))
-    cfg = {"output_dir": str(tmp_path / "sw"),
-           "base": {"model": tiny_dir, "data": str(data), "lora_r": 4, "max_steps": 1, "use_cpu": True,
-                    "per_device_train_batch_size": 3, "cache_dir": str(tmp_path / "cache")},
-           "grid": [{"method": "full"}, {"method": "sstoken", "gamma": [0.5]}], "seeds": [0],
-           "eval": {"preset": "offline", "tasks": ["arc_easy"], "limit": 2, "batch_size": 2}}
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
-    res = run_sweep(str(tmp_path / "s.yaml"))
-    assert len(res["runs"]) == 3                                 # base + 2 runs
-    table = (tmp_path / "sw" / "compare" / "compare.md").read_text()
-    assert "| base |" in table and "| sstoken-gamma0.5-seed0 |" in table
-    s = json.loads((tmp_path / "sw" / "runs" / "sstoken-gamma0.5-seed0" / "sstoken_run.json").read_text())
-    assert s["history_losses"] == "cache"                        # scored once, found by the run
-    assert res["report"] and "sstoken-gamma0.5-seed0" in (tmp_path / "sw" / "report.html").read_text()
-    mtime = (tmp_path / "sw" / "runs" / "full-seed0" / "sstoken_run.json").stat().st_mtime_ns
-    run_sweep(str(tmp_path / "s.yaml"))                          # resumed: nothing is redone
-    assert (tmp_path / "sw" / "runs" / "full-seed0" / "sstoken_run.json").stat().st_mtime_ns == mtime
 
 
 @pytest.mark.real_model

@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,10 @@ OFFLINE_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "mmlu", "triviaqa", "
 PRIMARY = {"arc_challenge": "acc", "arc_easy": "acc", "hellaswag": "acc", "mmlu": "acc",
            "triviaqa": "exact_match", "winogrande": "acc", **{k: v[0] for k, v in PAPER_TASKS.items()}}
 PRESETS = ("offline", "paper")
+# the held-out response loss (not lm-eval): a mean NLL in nats, not a fraction, and lower is better
+HELDOUT = "heldout"
+PRIMARY[HELDOUT] = "loss"
+LOWER_IS_BETTER = {HELDOUT}
 MMLU_SHUFFLE_SEED = 1234
 
 # Helpers the generated task files call (`!function utils.X`); written next to them, with the
@@ -349,7 +354,7 @@ def evaluate(model: str, adapter: str | None = None, preset: str = "offline",
              tasks: list[str] | None = None, limit: int | float | None = None, batch_size: int = 8,
              device: str = "cpu", num_fewshot: int | None = None,
              output_dir: str | os.PathLike = "outputs/eval", dtype: str = "auto",
-             chat_template: bool = False) -> dict:
+             chat_template: bool = False, heldout: dict | None = None) -> dict:
     """Evaluate a model with lm-evaluation-harness and write ``eval.json`` and ``eval.md``.
 
     Args:
@@ -367,6 +372,8 @@ def evaluate(model: str, adapter: str | None = None, preset: str = "offline",
         chat_template: wrap each prompt in the tokenizer's chat template (lm-eval's
             ``apply_chat_template``; few-shot examples as turns). Off by default, as in lm-eval;
             an instruct model often answers a raw generation prompt with end-of-turn at once.
+        heldout: also score held-out SFT data (see :func:`heldout_loss`): ``{"data": source,
+            "skip": records to skip, "samples": how many, "template": .., "max_seq_length": ..}``.
 
     Returns the dict written to ``eval.json``: ``results = {task: {metric: value,
     metric_stderr: value or None}}`` (fractions, not %) plus the run's provenance.
@@ -417,6 +424,10 @@ def evaluate(model: str, adapter: str | None = None, preset: str = "offline",
             n_samples.update(r.get("n-samples", {}))
     results = {short: metrics_of(raw.get(name) or _mean_of_subtasks(raw, name))
                for short, name in names.items()}
+    held = None
+    if heldout:
+        _log(f"held-out loss on {heldout['data']}")
+        results[HELDOUT], held = heldout_loss(m, tok, **heldout, batch_size=batch_size)
     import peft
     import torch
     import transformers
@@ -432,10 +443,52 @@ def evaluate(model: str, adapter: str | None = None, preset: str = "offline",
               "versions": {"lm_eval": getattr(lm_eval, "__version__", "?"), "torch": torch.__version__,
                            "transformers": transformers.__version__, "peft": peft.__version__},
               "n_samples": {short: n_samples.get(name) for short, name in names.items()},
-              "results": results}
+              "heldout": held, "results": results}
     _atomic_write(out / "eval.json", json.dumps(report, indent=2))
     _atomic_write(out / "eval.md", results_table([report], [adapter or model]))
     return report
+
+
+def heldout_loss(model, tokenizer, data: str, skip: int = 0, samples: int | None = None,
+                 template: str = "tulu", max_seq_length: int = 2048,
+                 batch_size: int = 8) -> tuple[dict, dict]:
+    """The SFT objective on data no run trained on: per-token NLL of the response tokens.
+
+    Every held-out example is rendered and masked exactly as in training (same template and
+    length), and its response losses come from :func:`sstoken.pipeline.compute_losses` (the
+    tested chunked loss, eq. 1). With ``l_d`` the mean NLL over the response tokens of
+    document ``d``:
+
+        loss = mean_d l_d,   loss_stderr = std_d(l_d) / sqrt(D)      (documents equally weighted)
+        token_loss = sum of all response-token NLLs / number of response tokens
+
+    Returns ``(metrics, provenance)``; lower is better.
+    """
+    import torch
+
+    from .data import IGNORE_INDEX, load_examples
+    from .pipeline import compute_losses
+
+    examples, stats = load_examples(data, tokenizer, template, max_seq_length, limit=samples, skip=skip)
+    if not examples:
+        raise ValueError(f"held-out data {data} (skip {skip}) gave no examples")
+    losses = compute_losses(model, examples, tokenizer.pad_token_id, batch_size, desc="held-out loss")
+    per_doc, total, count = [], 0.0, 0
+    for e, l in zip(examples, losses):
+        mask = torch.tensor(e.labels) != IGNORE_INDEX          # (L,): labels[0] is always ignored
+        vals = l[mask].double()
+        per_doc.append(float(vals.mean()))
+        total += float(vals.sum())
+        count += int(mask.sum())
+    d = len(per_doc)
+    mean = sum(per_doc) / d
+    sd = math.sqrt(sum((x - mean) ** 2 for x in per_doc) / (d - 1)) if d > 1 else None
+    metrics = {"loss": mean, "loss_stderr": None if sd is None else sd / math.sqrt(d),
+               "token_loss": total / count, "token_loss_stderr": None}
+    prov = {"data": data, "skip": skip, "samples": samples, "template": template,
+            "max_seq_length": max_seq_length, "documents": d, "response_tokens": count,
+            "truncated": stats.truncated, "dropped_no_response": stats.dropped_no_response}
+    return metrics, prov
 
 
 # --------------------------------------------------------------------------- compare
@@ -453,8 +506,13 @@ def load_eval(path: str | os.PathLike) -> dict:
 _load_eval = load_eval      # the name sweep.py imports
 
 
+def _scale(task: str) -> float:
+    """Benchmark fractions are shown in %, the held-out loss in nats."""
+    return 1.0 if task in LOWER_IS_BETTER else 100.0
+
+
 def _cells(report: dict) -> dict[str, tuple[float | None, float | None]]:
-    """``{task: (primary metric in %, its stderr in %)}`` of one report."""
+    """``{task: (primary metric, its stderr)}`` of one report (benchmarks in %)."""
     out = {}
     for task, metrics in report["results"].items():
         metric = PRIMARY.get(task, "acc")
@@ -462,44 +520,145 @@ def _cells(report: dict) -> dict[str, tuple[float | None, float | None]]:
             metric = next((k for k in metrics if not k.endswith("_stderr")), None)
         if metric is None:
             continue
-        v, se = _number(metrics.get(metric)), _number(metrics.get(f"{metric}_stderr"))
-        out[task] = (None if v is None else 100 * v, None if se is None else 100 * se)
+        v, se, k = _number(metrics.get(metric)), _number(metrics.get(f"{metric}_stderr")), _scale(task)
+        out[task] = (None if v is None else k * v, None if se is None else k * se)
     return out
 
 
-def results_table(reports: list[dict], labels: list[str]) -> str:
-    """Markdown: rows = runs, columns = tasks (primary metric, mean ± stderr, in %) and an
-    average column (only for a run that has every task); the best of each column in bold."""
-    cells = [_cells(r) for r in reports]
+def _with_average(cells: list[dict]) -> tuple[list[dict], list[str]]:
+    """Add an ``average`` over the benchmarks (not the held-out loss) to each row of cells,
+    only for rows that have every benchmark. Returns the rows and the column order."""
     tasks = list(dict.fromkeys(t for c in cells for t in c))
+    bench = [t for t in tasks if t not in LOWER_IS_BETTER]
     for c in cells:
-        vals = [c[t][0] for t in tasks if t in c and c[t][0] is not None]
-        c["average"] = (sum(vals) / len(vals) if vals and len(vals) == len(tasks) else None, None)
-    cols = tasks + ["average"]
-    best = {t: max((c[t][0] for c in cells if t in c and c[t][0] is not None), default=None) for t in cols}
-    head = "| run | " + " | ".join(f"{t} ({PRIMARY.get(t, 'acc')})" if t != "average" else "average"
-                                  for t in cols) + " |"
-    lines = [head, "|" + " --- |" * (len(cols) + 1)]
+        vals = [c[t][0] for t in bench if t in c and c[t][0] is not None]
+        c["average"] = (sum(vals) / len(vals) if vals and len(vals) == len(bench) else None, None)
+    return cells, bench + ["average"] + [t for t in tasks if t in LOWER_IS_BETTER]
+
+
+def _header(cols: list[str]) -> str:
+    def name(t):
+        if t == "average":
+            return "average"
+        return f"{t} ({PRIMARY.get(t, 'acc')}{', lower is better' if t in LOWER_IS_BETTER else ''})"
+    return "| run | " + " | ".join(name(t) for t in cols) + " |\n|" + " --- |" * (len(cols) + 1)
+
+
+def _fmt_cell(v: float | None, se: float | None, task: str, bold: bool) -> str:
+    if v is None:
+        return "-"
+    d = 3 if task in LOWER_IS_BETTER else 1
+    s = f"{v:.{d}f}" + (f" ± {se:.{d}f}" if se is not None else "")
+    return f"**{s}**" if bold else s
+
+
+def _best(cells: list[dict], t: str) -> float | None:
+    vals = [c[t][0] for c in cells if t in c and c[t][0] is not None]
+    if not vals:
+        return None
+    return min(vals) if t in LOWER_IS_BETTER else max(vals)
+
+
+def results_table(reports: list[dict], labels: list[str]) -> str:
+    """Markdown: rows = runs, columns = tasks (primary metric, mean ± stderr; benchmarks in %,
+    the held-out loss in nats) and an average of the benchmarks (only for a run that has every
+    one); the best of each column (highest, or lowest for a loss) in bold."""
+    cells, cols = _with_average([_cells(r) for r in reports])
+    best = {t: _best(cells, t) for t in cols}
+    lines = [_header(cols)]
     for label, c in zip(labels, cells):
-        row = []
-        for t in cols:
-            v, se = c.get(t, (None, None))
-            if v is None:
-                row.append("-")
-                continue
-            s = f"{v:.1f}" + (f" ± {se:.1f}" if se is not None else "")
-            row.append(f"**{s}**" if best[t] is not None and abs(v - best[t]) < 1e-9 else s)
+        row = [_fmt_cell(*c.get(t, (None, None)), t, best[t] is not None and c.get(t, (None,))[0] is not None
+                         and abs(c[t][0] - best[t]) < 1e-9) for t in cols]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def compare(inputs: list[str], out_dir: str | os.PathLike, labels: list[str] | None = None) -> dict:
+_SEED = re.compile(r"^(?P<group>.+)-seed(?P<seed>\d+)$")
+
+
+def seed_groups(labels: list[str]) -> dict[str, dict[int, int]]:
+    """``{group: {seed: index}}`` for labels named ``<group>-seed<N>`` (as ``sweep`` names runs);
+    any other label is a group of its own with seed -1."""
+    groups: dict[str, dict[int, int]] = {}
+    for i, label in enumerate(labels):
+        m = _SEED.match(label)
+        g, seed = (m["group"], int(m["seed"])) if m else (label, -1)
+        if seed in groups.setdefault(g, {}):
+            raise ValueError(f"two runs named {label}")
+        groups[g][seed] = i
+    return groups
+
+
+def _t95(n: int) -> float:
+    """Two-sided 95% quantile of Student's t with n-1 degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
+def seeds_table(reports: list[dict], labels: list[str], baseline: str | None = "full") -> str:
+    """Markdown for runs repeated over seeds: each group's mean over seeds ± the stderr of that
+    mean (sd / sqrt(n), n = seeds), and, when ``baseline`` is a group, each group's difference
+    to it paired by seed (same seed = same data order, LoRA init and dropout) with its 95%
+    t-interval; a difference whose interval excludes 0 is in bold."""
+    cells, cols = _with_average([_cells(r) for r in reports])
+    groups = seed_groups(labels)
+    stat: dict[str, dict[str, tuple]] = {}
+    for g, seeds in groups.items():
+        stat[g] = {}
+        for t in cols:
+            xs = [cells[i][t][0] for i in seeds.values() if cells[i].get(t, (None,))[0] is not None]
+            if len(xs) == len(seeds):
+                n = len(xs)
+                m = sum(xs) / n
+                se = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n) if n > 1 else None
+                stat[g][t] = (m, se, n)
+    rows = [{t: v[:2] for t, v in stat[g].items()} for g in groups]
+    best = {t: _best(rows, t) for t in cols}
+    lines = ["Mean over seeds ± stderr of the mean (n = seeds):", "",
+             _header(cols).replace("| run |", "| run (n) |", 1)]
+    for g, row in zip(groups, rows):
+        n = max((v[2] for v in stat[g].values()), default=0)
+        cellstr = [_fmt_cell(*row.get(t, (None, None)), t, best[t] is not None and t in row
+                             and abs(row[t][0] - best[t]) < 1e-9) for t in cols]
+        lines.append(f"| {g} ({n}) | " + " | ".join(cellstr) + " |")
+    if baseline not in groups:
+        return "\n".join(lines) + "\n"
+    lines += ["", f"Difference to {baseline}, paired by seed: mean ± stderr [95% t-interval]; "
+              "bold when the interval excludes 0 (benchmarks in points of %, the loss in nats; "
+              "a negative loss difference is better):", "", _header(cols)]
+    for g, seeds in groups.items():
+        common = [s for s in seeds if s in groups[baseline] and s >= 0]
+        if g == baseline or not common:
+            continue                                   # e.g. the base model: no seeds to pair
+        row = []
+        for t in cols:
+            ds = [cells[seeds[s]][t][0] - cells[groups[baseline][s]][t][0] for s in common
+                  if cells[seeds[s]].get(t, (None,))[0] is not None
+                  and cells[groups[baseline][s]].get(t, (None,))[0] is not None]
+            if len(ds) < 2 or len(ds) != len(common):
+                row.append("-")
+                continue
+            n, m = len(ds), sum(ds) / len(ds)
+            se = math.sqrt(sum((x - m) ** 2 for x in ds) / (n - 1) / n)
+            h = _t95(n) * se
+            d = 3 if t in LOWER_IS_BETTER else 1
+            s = f"{m:+.{d}f} ± {se:.{d}f} [{m - h:+.{d}f}, {m + h:+.{d}f}]"
+            row.append(f"**{s}**" if (m - h > 0 or m + h < 0) else s)
+        lines.append(f"| {g} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(inputs: list[str], out_dir: str | os.PathLike, labels: list[str] | None = None,
+            baseline: str | None = "full") -> dict:
     """Put several evaluations side by side.
 
     ``inputs``: ``eval.json`` files or folders holding one; ``labels``: row names (default:
-    the folder names). Writes ``compare.md`` (see :func:`results_table`) and ``compare.png``
-    (grouped bars with stderr error bars) into ``out_dir``; returns ``{"table": path,
-    "plot": path, "markdown": the table}``.
+    the folder names). Writes ``compare.md`` (see :func:`results_table`; when runs are repeated
+    over seeds, ``<name>-seed<N>``, also :func:`seeds_table` with differences to ``baseline``)
+    and ``compare.png`` (grouped bars with stderr error bars; one bar per seed group, with the
+    stderr over seeds, when there are seeds) into ``out_dir``; returns ``{"table": path,
+    "plot": path, "markdown": the tables}``.
     """
     reports = [load_eval(p) for p in inputs]
     labels = labels or [Path(p).name if Path(p).is_dir() else Path(p).resolve().parent.name
@@ -509,29 +668,67 @@ def compare(inputs: list[str], out_dir: str | os.PathLike, labels: list[str] | N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(reports, labels)
+    groups = seed_groups(labels)
+    repeated = any(len(s) > 1 for s in groups.values())
+    if repeated:
+        table = seeds_table(reports, labels, baseline) + "\nEvery run:\n\n" + table
     _atomic_write(out / "compare.md", table)
-    png = _bar_plot(reports, labels, out / "compare.png")
+    png = _bar_plot(reports, labels, out / "compare.png", groups if repeated else None)
     return {"table": str(out / "compare.md"), "plot": png, "markdown": table}
 
 
-def _bar_plot(reports: list[dict], labels: list[str], path: Path) -> str:
+def _bar_plot(reports: list[dict], labels: list[str], path: Path,
+              groups: dict[str, dict[int, int]] | None = None) -> str:
+    """Grouped bars of each task's primary metric; with ``groups``, one bar per seed group
+    (mean over seeds, error bar = stderr over seeds). The held-out loss, when present, gets
+    its own panel (nats, lower is better)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cells = [_cells(r) for r in reports]
-    tasks = list(dict.fromkeys(t for c in cells for t in c))
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(tasks) + 2), 3.8))
-    width = 0.8 / max(1, len(reports))
+    if groups:
+        rows, names = [], list(groups)
+        for g in names:
+            row = {}
+            for t in {t for c in cells for t in c}:
+                xs = [cells[i][t][0] for i in groups[g].values() if cells[i].get(t, (None,))[0] is not None]
+                if xs:
+                    m = sum(xs) / len(xs)
+                    se = (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+                          if len(xs) > 1 else None)
+                    row[t] = (m, se)
+            rows.append(row)
+        cells, labels = rows, names
+    tasks = [t for t in dict.fromkeys(t for c in cells for t in c) if t not in LOWER_IS_BETTER]
+    losses = [t for t in dict.fromkeys(t for c in cells for t in c) if t in LOWER_IS_BETTER]
+    fig, axes = plt.subplots(1, 1 + bool(losses), figsize=(max(6, 1.3 * len(tasks) + 2) + 2.5 * bool(losses), 3.8),
+                             gridspec_kw={"width_ratios": [max(1, len(tasks))] + [1.2] * bool(losses)},
+                             squeeze=False)
+    ax = axes[0][0]
+    width = 0.8 / max(1, len(cells))
     for k, (label, c) in enumerate(zip(labels, cells)):
         xs = [i + k * width for i in range(len(tasks))]
         ys = [c.get(t, (None, None))[0] or 0 for t in tasks]
         es = [c.get(t, (None, None))[1] or 0 for t in tasks]
         ax.bar(xs, ys, width, yerr=es, capsize=2, label=label)
+        if losses:
+            lv = c.get(losses[0], (None, None))
+            axes[0][1].bar([k], [lv[0] or 0], 0.8, yerr=[lv[1] or 0], capsize=2, color=f"C{k % 10}")
+    if losses:
+        a2 = axes[0][1]
+        a2.set_title(f"{losses[0]} {PRIMARY[losses[0]]} (nats, lower is better)", fontsize=8)
+        a2.set_xticks([])
+        vals = [c[losses[0]][0] for c in cells if c.get(losses[0], (None,))[0] is not None]
+        if vals:
+            lo, hi = min(vals), max(vals)
+            pad = max(hi - lo, 1e-3)
+            a2.set_ylim(lo - pad, hi + pad)
+        a2.grid(axis="y", alpha=0.3)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))])
     ax.set_xticklabels([f"{t}\n({PRIMARY.get(t, 'acc')})" for t in tasks], rotation=20, fontsize=8)
-    ax.set_ylabel("score (%)  ± stderr")
+    ax.set_ylabel("score (%)  ± stderr" + ("  (mean over seeds)" if groups else ""))
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -586,6 +783,15 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--apply-chat-template", action="store_true",
                    help="wrap prompts in the tokenizer's chat template (default: raw prompts, as "
                         "lm-eval; an instruct model may need it for generation tasks like TriviaQA)")
+    p.add_argument("--heldout", default=None, metavar="DATA",
+                   help="also report the per-token loss of the responses of DATA (a training-format "
+                        "file, folder or embedded:gsm8k) that no run trained on: task `heldout`, "
+                        "lower is better")
+    p.add_argument("--heldout-skip", type=int, default=0, help="skip the first N records of --heldout")
+    p.add_argument("--heldout-samples", type=int, default=None, help="use N records of --heldout (default: all)")
+    p.add_argument("--template", default="tulu", choices=["tulu", "chat"],
+                   help="how --heldout is rendered: as in training (default tulu)")
+    p.add_argument("--max-seq-length", type=int, default=2048, help="--heldout truncation, as in training")
     p.add_argument("--output-dir", default="outputs/eval",
                    help="where eval.json, eval.md and the offline task files (tasks/) go")
     p.set_defaults(func=run_eval)
@@ -595,8 +801,11 @@ def run_eval(a) -> int:
     """``sstoken eval``: the argparse namespace of :func:`add_eval_parser` -> exit code."""
     limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] if a.tasks else None
+    heldout = None if a.heldout is None else {
+        "data": a.heldout, "skip": a.heldout_skip, "samples": a.heldout_samples,
+        "template": a.template, "max_seq_length": a.max_seq_length}
     r = evaluate(a.model, a.adapter, a.preset, tasks, limit, a.batch_size, a.device, a.num_fewshot,
-                 a.output_dir, a.dtype, a.apply_chat_template)
+                 a.output_dir, a.dtype, a.apply_chat_template, heldout)
     print(results_table([r], [a.adapter or a.model]))
     print(f"[sstoken] wrote {Path(a.output_dir) / 'eval.json'} and eval.md in {r['seconds']}s")
     return 0
@@ -612,13 +821,16 @@ def add_compare_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", help="eval.json files or run folders holding one")
     p.add_argument("--labels", default=None,
                    help="comma-separated row labels, one per input (default: folder names)")
+    p.add_argument("--baseline", default="full",
+                   help="for runs repeated over seeds (<name>-seed<N>): the group every other is "
+                        "compared with, paired by seed (default full)")
     p.add_argument("--output-dir", default="outputs/compare", help="where compare.md and compare.png go")
     p.set_defaults(func=run_compare)
 
 
 def run_compare(a) -> int:
     """``sstoken compare``: the argparse namespace of :func:`add_compare_parser` -> exit code."""
-    res = compare(a.inputs, a.output_dir, a.labels.split(",") if a.labels else None)
+    res = compare(a.inputs, a.output_dir, a.labels.split(",") if a.labels else None, a.baseline)
     print(res["markdown"])
     print(f"[sstoken] wrote {res['table']} and {res['plot']}")
     return 0

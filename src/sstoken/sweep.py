@@ -15,7 +15,11 @@ Example (``configs/sweep-smollm2.yaml``)::
       - {method: sstoken, gamma: [0.0, 0.5, 1.0], rho: [0.6]}
       - {method: rho1}
     seeds: [0, 1]
-    eval: {preset: offline, limit: 100, include_base: true}
+    eval:                       # lm-eval options, and optionally the held-out SFT loss
+      preset: offline
+      limit: 100
+      include_base: true
+      heldout: {data: embedded:gsm8k, skip_samples: 500, max_samples: 300}
 
 Every run lands in ``<output_dir>/runs/<name>/``; a run whose ``sstoken_run.json`` and
 ``eval.json`` exist is skipped, so an interrupted sweep continues where it stopped. The base
@@ -42,10 +46,14 @@ def _fmt(v: Any) -> str:
 
 
 def expand(spec: dict) -> list[dict]:
-    """The runs of a sweep spec: ``[{"name", "options"}]`` in grid order, seeds innermost."""
+    """The runs of a sweep spec: ``[{"name", "options"}]``, seeds outermost.
+
+    Seed 0 of every grid point comes first, so a sweep cut short still holds one complete
+    replicate of the whole grid rather than every seed of its first methods only.
+    """
     grid = spec.get("grid") or [{"method": "full"}]
     seeds = spec.get("seeds") or [0]
-    runs, seen = [], set()
+    points = []
     for entry in grid:
         if not isinstance(entry, dict) or "method" not in entry:
             raise ValueError(f"each grid entry needs a method, got {entry!r}")
@@ -54,13 +62,16 @@ def expand(spec: dict) -> list[dict]:
         for combo in itertools.product(*values):
             opts = dict(zip(keys, combo))
             varying = [k for k, v in zip(keys, values) if len(v) > 1 or k in ("gamma", "rho", "attn_layer")]
-            base_name = opts["method"] + "".join(f"-{k}{_fmt(opts[k])}" for k in varying if k != "method")
-            for seed in seeds:
-                name = f"{base_name}-seed{seed}"
-                if name in seen:
-                    raise ValueError(f"two grid entries give the run name {name}")
-                seen.add(name)
-                runs.append({"name": name, "options": {**opts, "seed": seed}})
+            points.append((opts["method"] + "".join(f"-{k}{_fmt(opts[k])}" for k in varying
+                                                    if k != "method"), opts))
+    runs, seen = [], set()
+    for seed in seeds:
+        for base_name, opts in points:
+            name = f"{base_name}-seed{seed}"
+            if name in seen:
+                raise ValueError(f"two grid entries give the run name {name}")
+            seen.add(name)
+            runs.append({"name": name, "options": {**opts, "seed": seed}})
     return runs
 
 
@@ -113,12 +124,12 @@ def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = No
             log(f"{r['name']}: training")
             run_train(*parse_train_args(_flags(opts)))
         if ev:
-            _evaluate(opts["model"], str(out), out, ev)
+            _evaluate(opts["model"], str(out), out, ev, base)
         done.append(out)
     if ev and ev.get("include_base", True):
         b = root / "runs" / "base"
         if not (b / "eval.json").exists():
-            _evaluate(base.get("model", "embedded:smollm2-135m-instruct"), None, b, ev)
+            _evaluate(base.get("model", "embedded:smollm2-135m-instruct"), None, b, ev, base)
         done.insert(0, b)
     result = {"runs": [str(d) for d in done]}
     if ev:
@@ -194,14 +205,23 @@ def _reference(spec: dict, base: dict, root: Path) -> Path:
     return merged
 
 
-def _evaluate(model: str, adapter: str | None, out: Path, ev: dict) -> None:
+def _evaluate(model: str, adapter: str | None, out: Path, ev: dict, base: dict) -> None:
     from .evaluate import evaluate
 
+    heldout = None
+    if ev.get("heldout"):
+        h = dict(ev["heldout"])
+        unknown = set(h) - {"data", "skip_samples", "max_samples"}
+        if unknown or "data" not in h:
+            raise ValueError(f"eval.heldout takes data, skip_samples, max_samples; got {sorted(h)}")
+        heldout = {"data": h["data"], "skip": int(h.get("skip_samples", 0)), "samples": h.get("max_samples"),
+                   "template": base.get("template", "tulu"),
+                   "max_seq_length": int(base.get("max_seq_length", 2048))}
     out.mkdir(parents=True, exist_ok=True)
     log(f"evaluating {adapter or model} ({ev.get('preset', 'offline')}, limit {ev.get('limit')})")
     evaluate(model=model, adapter=adapter, preset=ev.get("preset", "offline"), tasks=ev.get("tasks"),
              limit=ev.get("limit"), batch_size=ev.get("batch_size", 8), device=ev.get("device", "cpu"),
-             num_fewshot=ev.get("num_fewshot"), output_dir=str(out))
+             num_fewshot=ev.get("num_fewshot"), output_dir=str(out), heldout=heldout)
 
 
 def add_sweep_parser(sub) -> None:

@@ -1,0 +1,36 @@
+"""sstoken.sweep: grid expansion (seeds outermost), a tiny sweep end to end (scored once,
+evaluated with the held-out loss, compared), and resuming without redoing finished runs."""
+import json
+
+import yaml
+
+
+def test_sweep_expansion_and_resume(tmp_path, tiny_dir, records):
+    from sstoken.sweep import expand, run_sweep
+
+    spec = {"grid": [{"method": "full"}, {"method": "sstoken", "gamma": [0.0, 1.0]}], "seeds": [0, 1]}
+    names = [r["name"] for r in expand(spec)]
+    assert names == ["full-seed0", "sstoken-gamma0.0-seed0", "sstoken-gamma1.0-seed0",
+                     "full-seed1", "sstoken-gamma0.0-seed1", "sstoken-gamma1.0-seed1"]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records(6)))
+    cfg = {"output_dir": str(tmp_path / "sw"),
+           "base": {"model": tiny_dir, "data": str(data), "lora_r": 4, "max_steps": 1, "use_cpu": True,
+                    "per_device_train_batch_size": 3, "cache_dir": str(tmp_path / "cache")},
+           "grid": [{"method": "full"}, {"method": "sstoken", "gamma": [0.5]}], "seeds": [0],
+           "eval": {"preset": "offline", "tasks": ["arc_easy"], "limit": 2, "batch_size": 2,
+                    "heldout": {"data": str(data), "skip_samples": 4, "max_samples": 2}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    res = run_sweep(str(tmp_path / "s.yaml"))
+    assert len(res["runs"]) == 3                                 # base + 2 runs
+    table = (tmp_path / "sw" / "compare" / "compare.md").read_text()
+    assert "| base |" in table and "| sstoken-gamma0.5-seed0 |" in table
+    assert "heldout (loss, lower is better)" in table
+    ev = json.loads((tmp_path / "sw" / "runs" / "full-seed0" / "eval.json").read_text())
+    assert ev["heldout"]["documents"] == 2 and ev["heldout"]["skip"] == 4 and ev["results"]["heldout"]["loss"] > 0
+    s = json.loads((tmp_path / "sw" / "runs" / "sstoken-gamma0.5-seed0" / "sstoken_run.json").read_text())
+    assert s["history_losses"] == "cache"                        # scored once, found by the run
+    assert res["report"] and "sstoken-gamma0.5-seed0" in (tmp_path / "sw" / "report.html").read_text()
+    mtime = (tmp_path / "sw" / "runs" / "full-seed0" / "sstoken_run.json").stat().st_mtime_ns
+    run_sweep(str(tmp_path / "s.yaml"))                          # resumed: nothing is redone
+    assert (tmp_path / "sw" / "runs" / "full-seed0" / "sstoken_run.json").stat().st_mtime_ns == mtime
