@@ -102,7 +102,7 @@ def timed(fn, steps: int, device):
     return times, mem, out
 
 
-def build(shape: str, device, dtype):
+def build(shape: str, device, dtype, layers: int | None = None):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if shape == "smollm2":
@@ -112,7 +112,7 @@ def build(shape: str, device, dtype):
                                                      attn_implementation="sdpa")
     else:
         L, H, nh, kv, I, V = SHAPES[shape]
-        cfg = LlamaConfig(num_hidden_layers=L, hidden_size=H, num_attention_heads=nh,
+        cfg = LlamaConfig(num_hidden_layers=layers or L, hidden_size=H, num_attention_heads=nh,
                           num_key_value_heads=kv, intermediate_size=I, vocab_size=V,
                           max_position_embeddings=8192, tie_word_embeddings=False)
         with torch.device(device):
@@ -302,6 +302,9 @@ def main(argv=None):
     p.add_argument("--shape", choices=["tiny", "smollm2", "3b"], default="tiny")
     p.add_argument("--batch", type=int, default=None, help="sequences per step")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence")
+    p.add_argument("--layers", type=int, default=None,
+                   help="override the shape's layer count (tiny/3b), e.g. --shape 3b --layers 1 for a "
+                        "CPU smoke of the GPU shape's code path with its full 128k vocabulary")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chunk", type=int, default=1024, help="loss chunk size (rows)")
@@ -314,10 +317,12 @@ def main(argv=None):
     defaults = {"tiny": (4, 128), "smollm2": (2, 256), "3b": (4, 2048)}[a.shape]
     B, L = a.batch or defaults[0], a.seq or defaults[1]
     print(f"[bench] {a.shape} on {machine()}; {versions()}; batch {B} x {L}", flush=True)
-    model = build(a.shape, device, dtype)
+    if a.layers and a.shape == "smollm2":
+        p.error("--layers applies to the random shapes (tiny, 3b), not the real smollm2")
+    model = build(a.shape, device, dtype, a.layers)
     cfg = model.get_base_model().config
     batch = make_batch(B, L, cfg.vocab_size, device)
-    res = {"shape": a.shape, "batch": B, "seq": L, "dtype": str(dtype).replace("torch.", ""),
+    res = {"shape": a.shape + (f" ({a.layers} layers)" if a.layers else ""), "batch": B, "seq": L, "dtype": str(dtype).replace("torch.", ""),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
            "versions": versions(), "command": "python bench/bench.py " + " ".join(argv or sys.argv[1:])}
     print("[bench] training steps", flush=True)

@@ -259,6 +259,13 @@ def test_heldout_loss_matches_a_per_example_forward(tiny_dir, records, tmp_path)
     assert prov["documents"] == 6 and prov["response_tokens"] == len(nll) and prov["skip"] == 2
     with pytest.raises(ValueError, match="no examples"):
         heldout_loss(model, tok, str(data), skip=50)
+    # through evaluate(): no lm-eval task, the held-out loss only
+    rep = evaluate(tiny_dir, None, "offline", [], output_dir=str(tmp_path / "ev"),
+                   heldout={"data": str(data), "skip": 2, "samples": 6, "max_seq_length": 40})
+    assert set(rep["results"]) == {"heldout"} and rep["heldout"]["documents"] == 6
+    assert rep["results"]["heldout"]["loss"] == pytest.approx(mean, abs=1e-5)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate(tiny_dir, None, "offline", [], output_dir=str(tmp_path / "ev2"))
 
 
 def _seed_run(root: Path, name: str, acc: float, loss: float) -> str:
@@ -338,7 +345,7 @@ def test_paper_preset_names_are_stock_lm_eval_tasks():
         _task_names("paper", ["mmlu", "gsm8k"], Path("unused"))
 
 
-def test_cli_parsers(tmp_path):
+def test_cli_parsers(tmp_path, monkeypatch):
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd")
     add_eval_parser(sub)
@@ -354,6 +361,15 @@ def test_cli_parsers(tmp_path):
                       "--template", "chat", "--max-seq-length", "64"])
     assert (h.heldout, h.heldout_skip, h.heldout_samples, h.template, h.max_seq_length) == \
         ("d.jsonl", 5, 7, "chat", 64) and p.parse_args(["eval"]).heldout is None
+    seen = {}
+
+    def fake_evaluate(*args):
+        seen["args"] = args
+        return {"results": {}, "seconds": 0}
+
+    monkeypatch.setattr("sstoken.evaluate.evaluate", fake_evaluate)
+    h = p.parse_args(["eval", "--tasks", "none", "--heldout", "d.jsonl", "--output-dir", str(tmp_path / "o")])
+    assert h.func(h) == 0 and seen["args"][3] == []
     with pytest.raises(SystemExit):
         p.parse_args(["eval", "--preset", "hub"])
     runs = [_fake_run(tmp_path / "a", 0.5, 0.1), _fake_run(tmp_path / "b", 0.6, None)]

@@ -19,7 +19,8 @@ def test_sweep_expansion_and_resume(tmp_path, tiny_dir, records):
                     "per_device_train_batch_size": 3, "cache_dir": str(tmp_path / "cache")},
            "grid": [{"method": "full"}, {"method": "sstoken", "gamma": [0.5]}], "seeds": [0],
            "eval": {"preset": "offline", "tasks": ["arc_easy"], "limit": 2, "batch_size": 2,
-                    "heldout": {"data": str(data), "skip_samples": 4, "max_samples": 2}}}
+                    "heldout": {"data": str(data), "skip_samples": 4, "max_samples": 2},
+                    "benchmark_seeds": [1]}}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
     res = run_sweep(str(tmp_path / "s.yaml"))
     assert len(res["runs"]) == 3                                 # base + 2 runs
@@ -28,6 +29,9 @@ def test_sweep_expansion_and_resume(tmp_path, tiny_dir, records):
     assert "heldout (loss, lower is better)" in table
     ev = json.loads((tmp_path / "sw" / "runs" / "full-seed0" / "eval.json").read_text())
     assert ev["heldout"]["documents"] == 2 and ev["heldout"]["skip"] == 4 and ev["results"]["heldout"]["loss"] > 0
+    assert set(ev["results"]) == {"heldout"}                     # seed 0 is not a benchmark seed
+    base_ev = json.loads((tmp_path / "sw" / "runs" / "base" / "eval.json").read_text())
+    assert set(base_ev["results"]) == {"arc_easy", "heldout"}    # the base model gets everything
     s = json.loads((tmp_path / "sw" / "runs" / "sstoken-gamma0.5-seed0" / "sstoken_run.json").read_text())
     assert s["history_losses"] == "cache"                        # scored once, found by the run
     assert res["report"] and "sstoken-gamma0.5-seed0" in (tmp_path / "sw" / "report.html").read_text()

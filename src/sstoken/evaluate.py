@@ -362,7 +362,8 @@ def evaluate(model: str, adapter: str | None = None, preset: str = "offline",
         adapter: a LoRA adapter folder trained on ``model``; merged into it before evaluation
             (its tokenizer is used when the folder has one).
         preset: ``offline`` (shipped benchmarks, no network) or ``paper`` (stock tasks, hub).
-        tasks: a subset of the preset's short names (default: all).
+        tasks: a subset of the preset's short names (default: all); ``[]`` runs no lm-eval
+            task, only ``heldout`` (which is then required).
         limit: documents per task (int), or a fraction of each task (float below 1).
         batch_size: lm-eval batch size. device: ``cpu``, ``cuda``, ``cuda:1`` ...
         num_fewshot: one few-shot count for every task (default: each task's own; in the paper
@@ -380,6 +381,8 @@ def evaluate(model: str, adapter: str | None = None, preset: str = "offline",
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    if tasks is not None and not tasks and not heldout:
+        raise ValueError("nothing to evaluate: no lm-eval task and no held-out data")
     offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if preset == "offline" else {}
     from .progress import quiet
 
@@ -397,12 +400,12 @@ def evaluate(model: str, adapter: str | None = None, preset: str = "offline",
 
         from .modeling import load_model_with_adapter, load_tokenizer
 
-        names, manager = _task_names(preset, tasks, out / "tasks")
+        names, manager = _task_names(preset, tasks, out / "tasks") if tasks != [] else ({}, None)
         _log(f"loading {model}" + (f" + adapter {adapter}" if adapter else ""))
         m = load_model_with_adapter(model, adapter, dtype).to(device).eval()
         has_tok = adapter and (Path(adapter) / "tokenizer_config.json").exists()
         tok = load_tokenizer(adapter if has_tok else model)
-        lm = HFLM(pretrained=m, tokenizer=tok, batch_size=batch_size, device=device)
+        lm = HFLM(pretrained=m, tokenizer=tok, batch_size=batch_size, device=device) if names else None
         # one lm-eval call per few-shot setting (the paper runs TyDiQA 1-shot, the rest 0-shot)
         shots = {short: num_fewshot if num_fewshot is not None or preset != "paper"
                  else PAPER_TASKS[short][2] for short in names}
@@ -768,7 +771,7 @@ def add_eval_parser(sub) -> None:
                         "benchmarks (hub)")
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated subset of the preset (offline: {','.join(OFFLINE_TASKS)}; "
-                        f"paper: {','.join(PAPER_TASKS)})")
+                        f"paper: {','.join(PAPER_TASKS)}), or none (with --heldout: that only)")
     p.add_argument("--limit", type=float, default=None,
                    help="documents per task: an integer, or a fraction below 1 (default: all; on "
                         "CPU use e.g. 50 - the full offline preset is ~34,000 documents)")
@@ -800,7 +803,8 @@ def add_eval_parser(sub) -> None:
 def run_eval(a) -> int:
     """``sstoken eval``: the argparse namespace of :func:`add_eval_parser` -> exit code."""
     limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
-    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] if a.tasks else None
+    tasks = None if a.tasks is None else [] if a.tasks == "none" else \
+        [t.strip() for t in a.tasks.split(",") if t.strip()]
     heldout = None if a.heldout is None else {
         "data": a.heldout, "skip": a.heldout_skip, "samples": a.heldout_samples,
         "template": a.template, "max_seq_length": a.max_seq_length}

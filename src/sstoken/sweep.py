@@ -124,7 +124,9 @@ def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = No
             log(f"{r['name']}: training")
             run_train(*parse_train_args(_flags(opts)))
         if ev:
-            _evaluate(opts["model"], str(out), out, ev, base)
+            bench_seeds = ev.get("benchmark_seeds")
+            held_only = bench_seeds is not None and r["options"]["seed"] not in bench_seeds
+            _evaluate(opts["model"], str(out), out, {**ev, "tasks": []} if held_only else ev, base)
         done.append(out)
     if ev and ev.get("include_base", True):
         b = root / "runs" / "base"
@@ -218,7 +220,10 @@ def _evaluate(model: str, adapter: str | None, out: Path, ev: dict, base: dict) 
                    "template": base.get("template", "tulu"),
                    "max_seq_length": int(base.get("max_seq_length", 2048))}
     out.mkdir(parents=True, exist_ok=True)
-    log(f"evaluating {adapter or model} ({ev.get('preset', 'offline')}, limit {ev.get('limit')})")
+    if ev.get("benchmark_seeds") is not None and not heldout:
+        raise ValueError("eval.benchmark_seeds needs eval.heldout (the other seeds get only that)")
+    log(f"evaluating {adapter or model} ({ev.get('preset', 'offline')}, limit {ev.get('limit')}"
+        + (", held-out loss only)" if ev.get("tasks") == [] else ")"))
     evaluate(model=model, adapter=adapter, preset=ev.get("preset", "offline"), tasks=ev.get("tasks"),
              limit=ev.get("limit"), batch_size=ev.get("batch_size", 8), device=ev.get("device", "cpu"),
              num_fewshot=ev.get("num_fewshot"), output_dir=str(out), heldout=heldout)
