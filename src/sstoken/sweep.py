@@ -146,8 +146,9 @@ def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = No
 
 
 def _ablation_plots(runs: list[Path], out: Path) -> dict[str, str]:
-    """Average score against gamma and rho for sstoken runs (when the sweep varies them)."""
-    from .evaluate import PRIMARY, _load_eval
+    """sstoken runs' benchmark average and held-out loss against gamma and rho (when the sweep
+    varies them); seeds at the same point are averaged, with their stderr as the error bar."""
+    from .evaluate import LOWER_IS_BETTER, PRIMARY, _load_eval
     from .report import plot_ablation
 
     rows = []
@@ -156,16 +157,21 @@ def _ablation_plots(runs: list[Path], out: Path) -> dict[str, str]:
         if s["method"] != "sstoken" or not (d / "eval.json").exists():
             continue
         res = _load_eval(d)["results"]
-        vals = [m.get(PRIMARY.get(t, "acc")) for t, m in res.items()]
+        row = {"method": "sstoken", "gamma": s["gamma"], "rho": s["rho"]}
+        vals = [m.get(PRIMARY.get(t, "acc")) for t, m in res.items() if t not in LOWER_IS_BETTER]
         if vals and all(v is not None for v in vals):
-            rows.append({"method": "sstoken", "gamma": s["gamma"], "rho": s["rho"],
-                         "average": 100 * sum(vals) / len(vals)})
+            row["average"] = 100 * sum(vals) / len(vals)
+        for t in LOWER_IS_BETTER & set(res):
+            row[f"{t} {PRIMARY[t]}"] = res[t].get(PRIMARY[t])
+        rows.append(row)
     plots = {}
     for x in ("gamma", "rho"):
         if len({r[x] for r in rows}) > 1:
-            p = plot_ablation(rows, x, "average", out / f"ablation_{x}.png")
-            if p:
-                plots[x] = p
+            for y in ["average"] + [f"{t} {PRIMARY[t]}" for t in sorted(LOWER_IS_BETTER)]:
+                name = f"ablation_{x}" + ("" if y == "average" else "_" + y.split()[0])
+                p = plot_ablation(rows, x, y, out / f"{name}.png")
+                if p:
+                    plots[name.removeprefix("ablation_")] = p
     return plots
 
 
