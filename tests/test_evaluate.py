@@ -295,9 +295,9 @@ def test_compare_over_seeds_pairs_by_seed(tmp_path):
     # the loss column is in nats, lower is better, and not part of the average
     assert "| run (n) | arc_easy (acc) | average | heldout (loss, lower is better) |" in md
     se_full = statistics.stdev([52.0 - 2, 52.0, 52.0 + 2]) / math.sqrt(3)
-    assert f"| full (3) | 52.0 ± {se_full:.1f} | 52.0 ± {se_full:.1f} | **1.100 ± 0.058** |" in md
-    assert "| base (1) | 40.0 | 40.0 | 1.500 |" in md                   # one run: no stderr over seeds
-    assert "| sstoken-gamma0.5 (3) | **56.7 ± 0.9** | **56.7 ± 0.9** | 1.107 ± 0.052 |" in md
+    assert f"| full (3) | 52.0 ± {se_full:.1f} | 52.0 ± {se_full:.1f} | **1.1000 ± 0.0577** |" in md
+    assert "| base (1) | 40.0 | 40.0 | 1.5000 |" in md                   # one run: no stderr over seeds
+    assert "| sstoken-gamma0.5 (3) | **56.7 ± 0.9** | **56.7 ± 0.9** | 1.1067 ± 0.0524 |" in md
     diffs = [5.0, 6.0, 3.0]                                      # sstoken - full per seed, points
     m, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(3)
     h = student_t.ppf(0.975, 2) * se
@@ -305,7 +305,7 @@ def test_compare_over_seeds_pairs_by_seed(tmp_path):
     dl = [0.01, 0.02, -0.01]
     ml, sel = statistics.mean(dl), statistics.stdev(dl) / math.sqrt(3)
     hl = student_t.ppf(0.975, 2) * sel
-    assert f"| {ml:+.3f} ± {sel:.3f} [{ml - hl:+.3f}, {ml + hl:+.3f}] |" in md  # includes 0: plain
+    assert f"| {ml:+.4f} ± {sel:.4f} [{ml - hl:+.4f}, {ml + hl:+.4f}] |" in md  # includes 0: plain
     assert "| base |" not in md.split("Difference to full")[1].split("Every run")[0]  # nothing to pair
     assert "Every run:" in md and "| full-seed1 | 52.0 ± 1.0 |" in md
     assert Path(tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"

@@ -550,7 +550,7 @@ def _header(cols: list[str]) -> str:
 def _fmt_cell(v: float | None, se: float | None, task: str, bold: bool) -> str:
     if v is None:
         return "-"
-    d = 3 if task in LOWER_IS_BETTER else 1
+    d = 4 if task in LOWER_IS_BETTER else 1
     s = f"{v:.{d}f}" + (f" ± {se:.{d}f}" if se is not None else "")
     return f"**{s}**" if bold else s
 
@@ -645,7 +645,7 @@ def seeds_table(reports: list[dict], labels: list[str], baseline: str | None = "
             n, m = len(ds), sum(ds) / len(ds)
             se = math.sqrt(sum((x - m) ** 2 for x in ds) / (n - 1) / n)
             h = _t95(n) * se
-            d = 3 if t in LOWER_IS_BETTER else 1
+            d = 4 if t in LOWER_IS_BETTER else 1
             s = f"{m:+.{d}f} ± {se:.{d}f} [{m - h:+.{d}f}, {m + h:+.{d}f}]"
             row.append(f"**{s}**" if (m - h > 0 or m + h < 0) else s)
         lines.append(f"| {g} | " + " | ".join(row) + " |")
@@ -695,7 +695,7 @@ def _bar_plot(reports: list[dict], labels: list[str], path: Path,
         rows, names = [], list(groups)
         for g in names:
             row = {}
-            for t in {t for c in cells for t in c}:
+            for t in dict.fromkeys(t for c in cells for t in c):
                 xs = [cells[i][t][0] for i in groups[g].values() if cells[i].get(t, (None,))[0] is not None]
                 if xs:
                     m = sum(xs) / len(xs)

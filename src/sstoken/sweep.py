@@ -140,7 +140,8 @@ def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = No
         result["compare"] = compare([str(d) for d in done], str(root / "compare"))
         result["ablation"] = _ablation_plots([d for d in done if (d / "sstoken_run.json").exists()],
                                              root / "compare")
-    result["report"] = _report([d for d in done if (d / "selection.jsonl").exists()], root)
+    result["report"] = _report([d for d in done if (d / "selection.jsonl").exists()], root,
+                               (spec.get("seeds") or [0])[0])
     (root / "sweep.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 
@@ -175,8 +176,9 @@ def _ablation_plots(runs: list[Path], out: Path) -> dict[str, str]:
     return plots
 
 
-def _report(runs: list[Path], root: Path) -> str | None:
-    """One page with every run's saved selections side by side, plus training curves."""
+def _report(runs: list[Path], root: Path, first_seed: int = 0) -> str | None:
+    """One page with every run's saved selections side by side, plus training curves (of the
+    first seed only: a curve per run of every seed is unreadable)."""
     from .report import plot_training, read_scores, write_html
 
     if not runs:
@@ -185,8 +187,8 @@ def _report(runs: list[Path], root: Path) -> str | None:
     for d in runs:
         for r in read_scores([d / "selection.jsonl"]):
             records.append({**r, "method": d.name})
-    plots = plot_training({d.name: str(d) for d in runs if (d / "trainer_state.json").exists()},
-                          root / "compare")
+    curves = [d for d in runs if (d / "trainer_state.json").exists() and d.name.endswith(f"-seed{first_seed}")]
+    plots = plot_training({d.name: str(d) for d in curves}, root / "compare")
     return str(write_html(records, root / "report.html", f"sstoken sweep: {root.name}", plots))
 
 
