@@ -392,3 +392,15 @@ def test_real_model_offline_preset(tmp_path):
         assert metrics[f"{main}_stderr"] is None or math.isfinite(metrics[f"{main}_stderr"])
     assert report["resolved_model"] != report["model"]
     print(f"real model, offline preset, limit 2: {time.time() - t0:.0f}s")
+
+
+def test_mean_se_is_the_stderr_of_the_mean():
+    import statistics
+
+    from sstoken.evaluate import mean_se
+
+    xs = [1.0, 1.5, 4.0, 2.5]
+    m, se = mean_se(xs)
+    assert m == pytest.approx(statistics.mean(xs))
+    assert se == pytest.approx(statistics.stdev(xs) / 2.0)
+    assert mean_se([3.0]) == (3.0, None)

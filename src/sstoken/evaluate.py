@@ -592,6 +592,13 @@ def seed_groups(labels: list[str]) -> dict[str, dict[int, int]]:
     return groups
 
 
+def mean_se(xs: list[float]) -> tuple[float, float | None]:
+    """Mean of repeated measurements and the stderr of that mean, sd (n-1) / sqrt(n)."""
+    n = len(xs)
+    m = sum(xs) / n
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n) if n > 1 else None)
+
+
 def _t95(n: int) -> float:
     """Two-sided 95% quantile of Student's t with n-1 degrees of freedom."""
     from scipy.stats import t
@@ -612,13 +619,11 @@ def seeds_table(reports: list[dict], labels: list[str], baseline: str | None = "
         for t in cols:
             xs = [cells[i][t][0] for i in seeds.values() if cells[i].get(t, (None,))[0] is not None]
             if len(xs) == len(seeds):
-                n = len(xs)
-                m = sum(xs) / n
-                se = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n) if n > 1 else None
-                stat[g][t] = (m, se, n)
+                stat[g][t] = (*mean_se(xs), len(xs))
     rows = [{t: v[:2] for t, v in stat[g].items()} for g in groups]
     best = {t: _best(rows, t) for t in cols}
-    lines = ["Mean over seeds ± stderr of the mean (n = seeds):", "",
+    lines = ["Mean over seeds ± stderr of the mean (n = seeds; '-' where not every seed of the "
+             "group has the task, e.g. benchmarks run for some seeds only):", "",
              _header(cols).replace("| run |", "| run (n) |", 1)]
     for g, row in zip(groups, rows):
         n = max((v[2] for v in stat[g].values()), default=0)
@@ -642,9 +647,8 @@ def seeds_table(reports: list[dict], labels: list[str], baseline: str | None = "
             if len(ds) < 2 or len(ds) != len(common):
                 row.append("-")
                 continue
-            n, m = len(ds), sum(ds) / len(ds)
-            se = math.sqrt(sum((x - m) ** 2 for x in ds) / (n - 1) / n)
-            h = _t95(n) * se
+            m, se = mean_se(ds)
+            h = _t95(len(ds)) * se
             d = 4 if t in LOWER_IS_BETTER else 1
             s = f"{m:+.{d}f} ± {se:.{d}f} [{m - h:+.{d}f}, {m + h:+.{d}f}]"
             row.append(f"**{s}**" if (m - h > 0 or m + h < 0) else s)
@@ -698,10 +702,7 @@ def _bar_plot(reports: list[dict], labels: list[str], path: Path,
             for t in dict.fromkeys(t for c in cells for t in c):
                 xs = [cells[i][t][0] for i in groups[g].values() if cells[i].get(t, (None,))[0] is not None]
                 if xs:
-                    m = sum(xs) / len(xs)
-                    se = (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-                          if len(xs) > 1 else None)
-                    row[t] = (m, se)
+                    row[t] = mean_se(xs)
             rows.append(row)
         cells, labels = rows, names
     tasks = [t for t in dict.fromkeys(t for c in cells for t in c) if t not in LOWER_IS_BETTER]

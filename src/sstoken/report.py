@@ -720,12 +720,6 @@ def plot_rel_vs_attn(records: list[dict], out_path: str | os.PathLike,
     return _save(fig, out_path)
 
 
-def _spread(vals: list[float]) -> float:
-    """Stderr of the mean of repeated measurements: sd (n-1) / sqrt(n)."""
-    m = sum(vals) / len(vals)
-    return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1) / len(vals))
-
-
 def plot_ablation(rows: list[dict], x: str, y: str, out_path: str | os.PathLike,
                   group: str = "method") -> str | None:
     """A metric ``y`` against ``x`` (``"gamma"`` or ``"rho"``), one line per ``group``.
@@ -736,6 +730,8 @@ def plot_ablation(rows: list[dict], x: str, y: str, out_path: str | os.PathLike,
     (sd / sqrt(n)), which is the training noise the comparison has to beat. Rows missing ``x``
     or ``y`` are skipped; None if none is left.
     """
+    from .evaluate import mean_se
+
     series: dict[str, dict[float, list[tuple[float, float | None]]]] = {}
     for r in rows:
         if not (_finite(r.get(x)) and _finite(r.get(y))):
@@ -749,7 +745,7 @@ def plot_ablation(rows: list[dict], x: str, y: str, out_path: str | os.PathLike,
     for name, pts in series.items():
         xs = sorted(pts)
         means = [sum(v for v, _ in pts[k]) / len(pts[k]) for k in xs]
-        errs = [_spread([v for v, _ in pts[k]]) if len(pts[k]) > 1 else (pts[k][0][1] or 0.0) for k in xs]
+        errs = [mean_se([v for v, _ in pts[k]])[1] if len(pts[k]) > 1 else (pts[k][0][1] or 0.0) for k in xs]
         has_err = any(len(pts[k]) > 1 or pts[k][0][1] is not None for k in xs)
         ax.errorbar(xs, means, yerr=errs if has_err else None, marker="o", capsize=3, label=name)
     ax.set_xlabel({"gamma": "\u03b3 (weight of REL)", "rho": "\u03c1 (kept fraction)"}.get(x, x), fontsize=9)
