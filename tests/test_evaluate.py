@@ -257,6 +257,7 @@ def test_heldout_loss_matches_a_per_example_forward(tiny_dir, records, tmp_path)
     assert got["token_loss"] == pytest.approx(sum(nll) / len(nll), abs=1e-5)
     assert got["loss"] != pytest.approx(got["token_loss"], abs=1e-4)    # the two averages differ here
     assert prov["documents"] == 6 and prov["response_tokens"] == len(nll) and prov["skip"] == 2
+    assert prov["document_losses"] == pytest.approx(per_doc, abs=1e-5)
     with pytest.raises(ValueError, match="no examples"):
         heldout_loss(model, tok, str(data), skip=50)
     # through evaluate(): no lm-eval task, the held-out loss only

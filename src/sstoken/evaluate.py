@@ -465,7 +465,8 @@ def heldout_loss(model, tokenizer, data: str, skip: int = 0, samples: int | None
         loss = mean_d l_d,   loss_stderr = std_d(l_d) / sqrt(D)      (documents equally weighted)
         token_loss = sum of all response-token NLLs / number of response tokens
 
-    Returns ``(metrics, provenance)``; lower is better.
+    Returns ``(metrics, provenance)``; lower is better. The provenance keeps every ``l_d``
+    (``document_losses``, in data order) so runs can be compared document by document.
     """
     import torch
 
@@ -490,7 +491,8 @@ def heldout_loss(model, tokenizer, data: str, skip: int = 0, samples: int | None
                "token_loss": total / count, "token_loss_stderr": None}
     prov = {"data": data, "skip": skip, "samples": samples, "template": template,
             "max_seq_length": max_seq_length, "documents": d, "response_tokens": count,
-            "truncated": stats.truncated, "dropped_no_response": stats.dropped_no_response}
+            "truncated": stats.truncated, "dropped_no_response": stats.dropped_no_response,
+            "document_losses": per_doc}
     return metrics, prov
 
 

@@ -149,7 +149,7 @@ def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = No
 def _ablation_plots(runs: list[Path], out: Path) -> dict[str, str]:
     """sstoken runs' benchmark average and held-out loss against gamma and rho (when the sweep
     varies them); seeds at the same point are averaged, with their stderr as the error bar."""
-    from .evaluate import LOWER_IS_BETTER, PRIMARY, _load_eval
+    from .evaluate import LOWER_IS_BETTER, PRIMARY, _cells, _load_eval, _with_average
     from .report import plot_ablation
 
     rows = []
@@ -157,13 +157,10 @@ def _ablation_plots(runs: list[Path], out: Path) -> dict[str, str]:
         s = json.loads((d / "sstoken_run.json").read_text())
         if s["method"] != "sstoken" or not (d / "eval.json").exists():
             continue
-        res = _load_eval(d)["results"]
-        row = {"method": "sstoken", "gamma": s["gamma"], "rho": s["rho"]}
-        vals = [m.get(PRIMARY.get(t, "acc")) for t, m in res.items() if t not in LOWER_IS_BETTER]
-        if vals and all(v is not None for v in vals):
-            row["average"] = 100 * sum(vals) / len(vals)
-        for t in LOWER_IS_BETTER & set(res):
-            row[f"{t} {PRIMARY[t]}"] = res[t].get(PRIMARY[t])
+        (cells,), _ = _with_average([_cells(_load_eval(d))])       # benchmarks in %, loss in nats
+        row = {"method": "sstoken", "gamma": s["gamma"], "rho": s["rho"], "average": cells["average"][0]}
+        for t in LOWER_IS_BETTER & set(cells):
+            row[f"{t} {PRIMARY[t]}"] = cells[t][0]
         rows.append(row)
     plots = {}
     for x in ("gamma", "rho"):
