@@ -46,13 +46,14 @@ def test_chunked_loss_on_cuda_matches_full_logits():
     W = torch.randn(32000, 256, device="cuda", generator=g, requires_grad=True)
     ids = torch.randint(0, 32000, (4, 512), device="cuda", generator=g)
     mask = torch.rand(4, 512, device="cuda", generator=g) > 0.3
+    w = (torch.rand(4, 512, device="cuda", generator=g) > 0.4).float()   # 40% dropped by selection
     fast = scoring.response_token_losses(h, W, ids, mask, chunk_size=1000)
-    fast.sum().backward()
+    (fast * w).sum().backward()
     gh, gw = h.grad.clone(), W.grad.clone()
     h.grad = W.grad = None
     ref = torch.where(mask, scoring.token_losses_from_logits(h @ W.T, ids), 0.0)
     mask[:, 0] = False
     ref = torch.where(mask, ref, 0.0)
-    ref.sum().backward()
+    (ref * w).sum().backward()
     assert (fast - ref).abs().max() < 1e-3
     assert (gh - h.grad).abs().max() < 1e-3 and (gw - W.grad).abs().max() < 1e-3

@@ -94,7 +94,8 @@ def test_sstoken_score_extremes():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("chunk", [1, 5, 1024])
-def test_chunked_losses_and_grads_match_full_logits(dtype, tol, chunk):
+@pytest.mark.parametrize("dropped", [0.0, 0.5, 1.0])
+def test_chunked_losses_and_grads_match_full_logits(dtype, tol, chunk, dropped):
     g = torch.Generator().manual_seed(5)
     B, L, H, V = 3, 10, 8, 37
     hidden = torch.randn(B, L, H, generator=g, dtype=dtype, requires_grad=True)
@@ -102,6 +103,7 @@ def test_chunked_losses_and_grads_match_full_logits(dtype, tol, chunk):
     ids = torch.randint(0, V, (B, L), generator=g)
     mask = random_mask(B, L, g)
     w = torch.rand(B, L, generator=g, dtype=torch.float32)      # arbitrary downstream weights
+    w[torch.rand(B, L, generator=g) < dropped] = 0.0             # tokens selection drops
 
     fast = S.response_token_losses(hidden, W, ids, mask, chunk_size=chunk)
     (fast * w).sum().backward()

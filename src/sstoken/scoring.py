@@ -56,7 +56,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Per-row NLL of ``h @ W.T`` computed ``chunk`` rows at a time, never holding (N, V) logits.
 
     Forward keeps only the log-sum-exp per row; backward recomputes each chunk's logits
-    (one extra matmul) so memory stays O(chunk * V) in fp32.
+    (one extra matmul) so memory stays O(chunk * V) in fp32. Backward visits only the rows
+    whose loss has a non-zero gradient: a token that selection drops (weight 0 in Eq. 10)
+    costs no backward matmul through the vocabulary.
     """
 
     @staticmethod
@@ -82,14 +84,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = _acc_dtype(h)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
             if ctx.needs_input_grad[1] else None
-        for s in range(0, h.shape[0], chunk):
-            hc = h[s:s + chunk]
-            g = torch.exp((hc @ weight.T).to(acc) - lse[s:s + chunk, None])   # softmax (c, V)
-            g.scatter_add_(1, targets[s:s + chunk, None],
-                           -torch.ones_like(targets[s:s + chunk, None], dtype=g.dtype))
-            g.mul_(grad_loss[s:s + chunk, None].to(acc))                      # dL/dlogits
+        live = (grad_loss != 0).nonzero().squeeze(1)                          # (n,) rows with gradient
+        for s in range(0, live.numel(), chunk):
+            rows = live[s:s + chunk]                                          # (c,)
+            hc = h[rows]                                                      # (c, H)
+            g = torch.exp((hc @ weight.T).to(acc) - lse[rows, None])          # softmax (c, V)
+            g.scatter_add_(1, targets[rows, None], -torch.ones_like(targets[rows, None], dtype=g.dtype))
+            g.mul_(grad_loss[rows, None].to(acc))                             # dL/dlogits
             if grad_h is not None:
-                grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
+                grad_h[rows] = (g.to(weight.dtype) @ weight).to(h.dtype)
             if grad_w is not None:
                 grad_w += g.T @ hc.to(acc)
         if grad_w is not None:
