@@ -6,7 +6,9 @@
 
 For each variant: median step time (forward + selection + backward + AdamW step) over
 ``--steps`` after ``--warmup``, tokens/s, peak memory (CUDA: max_memory_allocated; CPU: peak
-RSS sampled every millisecond, minus the RSS before the variant) and the ratio to ``full``.
+RSS sampled every millisecond, minus the RSS before the variant) and the ratio to ``full``,
+and where the step's time goes (online history forward, training forward with selection,
+backward, optimizer: the phases are split by device syncs).
 Then the per-token scoring pass (``sstoken score``: no grad, chunked loss) against a naive HF
 forward with full fp32 logits, and the attention-score computation alone (eager B x H x L x L
 against the fused indicator-value SDPA call). Results are appended to BENCHMARKS.md (machine,
@@ -33,7 +35,11 @@ sys.path.insert(0, str(ROOT / "src"))
 from sstoken import attention, scoring  # noqa: E402
 from sstoken.config import SelectionArguments  # noqa: E402
 from sstoken.modeling import add_lora, forward_token_losses  # noqa: E402
-from sstoken.trainer import SelectionTrainer  # noqa: E402
+from sstoken.trainer import SelectionTrainer, expected_kept, response_mask  # noqa: E402
+
+# Each timed step, split at device syncs: the online history forward (no grad; 0 when the
+# history is cached or not used), the training forward with loss and selection, backward, AdamW.
+PHASES = ("history forward", "forward + selection", "backward", "optimizer")
 
 SHAPES = {
     # name: (layers, hidden, heads, kv_heads, intermediate, vocab)
@@ -134,6 +140,28 @@ def make_batch(B, L, V, device, prompt_frac=0.25, seed=0):
     return {k: v.to(device) for k, v in batch.items()}
 
 
+# The variants --profile traces: the anchor, plain SFT and the two ways of paying for history.
+PROFILED = ("full (naive: full fp32 logits)", "full", "sstoken (cached history)", "sstoken (online history)")
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
+def profile_step(step, device, path: Path, name: str, top: int = 30) -> None:
+    """One more step under ``torch.profiler``: the ops with the most self time, as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        step()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=top, max_name_column_width=60)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {name}: one training step, top {top} ops by {key}\n\n{table}\n")
+    print(f"  profile -> {path}", flush=True)
+
+
 def naive_step_loss(model, batch):
     """The anchor: HF forward with full logits, fp32 per-token cross-entropy, mean over R."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -142,7 +170,7 @@ def naive_step_loss(model, batch):
     return (lp * resp).sum() / resp.sum()
 
 
-def bench_variants(model, batch, device, steps, warmup, chunk):
+def bench_variants(model, batch, device, steps, warmup, chunk, profile_dir=None):
     from transformers import TrainingArguments
 
     resp = (batch["labels"] != -100)
@@ -174,29 +202,50 @@ def bench_variants(model, batch, device, steps, warmup, chunk):
             sel.save_scores = 0
             trainer = SelectionTrainer(model=model, args=args, selection=sel, loss_chunk_size=chunk)
         model.train()
-        times = []
+
+        def one_step():
+            """One training step; returns the device-synced times at the phase borders."""
+            sync(device)
+            t = [time.perf_counter()]
+            if trainer is None:
+                sync(device)
+                t.append(time.perf_counter())
+                loss = naive_step_loss(model, inputs)
+            else:
+                # what compute_loss does, split so the online history forward is timed alone
+                step_inputs = trainer.with_history(model, inputs, response_mask(inputs["labels"]),
+                                                   trainer.effective_gamma())
+                sync(device)
+                t.append(time.perf_counter())
+                n = torch.tensor(float(expected_kept(inputs, sel)), device=device)
+                loss = trainer.compute_loss(model, step_inputs, num_items_in_batch=n)
+            sync(device)
+            t.append(time.perf_counter())
+            loss.backward()
+            sync(device)
+            t.append(time.perf_counter())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            t.append(time.perf_counter())
+            return t
+
+        times, phases = [], {k: [] for k in PHASES}
         with PeakMemory(device) as mem:
             for s in range(warmup + steps):
-                sync(device)
-                t0 = time.perf_counter()
-                if trainer is None:
-                    loss = naive_step_loss(model, inputs)
-                else:
-                    from sstoken.trainer import expected_kept
-
-                    n = torch.tensor(float(expected_kept(inputs, sel)), device=device)
-                    loss = trainer.compute_loss(model, inputs, num_items_in_batch=n)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sync(device)
+                t = one_step()
                 if s >= warmup:
-                    times.append(time.perf_counter() - t0)
+                    times.append(t[-1] - t[0])
+                    for k, a, b in zip(PHASES, t, t[1:]):
+                        phases[k].append(b - a)
+        if profile_dir and name in PROFILED:
+            profile_step(one_step, device, Path(profile_dir) / f"{slug(name)}.txt", name)
         if trainer is not None and trainer.hook is not None:
             model.get_base_model().set_attn_implementation(impl_before.replace("sstoken_", ""))
         med = statistics.median(times)
         rows.append({"variant": name, "median_s": med, "tokens_per_s": tokens / med,
-                     "peak_gib": mem.peak_bytes / 2**30, "extra_gib": mem.extra_bytes / 2**30})
+                     "peak_gib": mem.peak_bytes / 2**30, "extra_gib": mem.extra_bytes / 2**30,
+                     "phases_s": {k: statistics.median(v) for k, v in phases.items()}})
         print(f"  {name:34s} {med * 1e3:9.1f} ms  {tokens / med:9.0f} tok/s  "
               f"peak {mem.peak_bytes / 2**30:6.2f} GiB", flush=True)
         del trainer
@@ -283,6 +332,11 @@ def to_markdown(res) -> str:
     for r in res["steps"]:
         lines.append(f"| {r['variant']} | {r['median_s'] * 1e3:.1f} ms | {r['tokens_per_s']:.0f} | "
                      f"{r['peak_gib']:.2f} GiB | {r['time_ratio']:.3f}x | {r['mem_ratio']:.3f}x |")
+    lines += ["", "Where the time goes (median of each phase; the phases are split by device syncs):", "",
+              "| variant | " + " | ".join(PHASES) + " |", "| --- |" + " ---: |" * len(PHASES)]
+    for r in res["steps"]:
+        ph = r.get("phases_s", {})
+        lines.append(f"| {r['variant']} | " + " | ".join(f"{ph[k] * 1e3:.1f} ms" for k in PHASES) + " |")
     lines += ["", "| scoring pass | median | tokens/s | peak memory |", "| --- | ---: | ---: | ---: |"]
     for name, r in res["score_pass"].items():
         lines.append(f"| {name} | {r['median_s'] * 1e3:.1f} ms | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} GiB |")
@@ -311,6 +365,9 @@ def main(argv=None):
     p.add_argument("--attn-lengths", default=None, help="comma-separated L for the attention micro-benchmark")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to append to ('' = none)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace one step of " + ", ".join(PROFILED) + " with torch.profiler; "
+                        "the top ops by self time go to DIR/<variant>.txt")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -326,7 +383,7 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
            "versions": versions(), "command": "python bench/bench.py " + " ".join(argv or sys.argv[1:])}
     print("[bench] training steps", flush=True)
-    res["steps"] = bench_variants(model, batch, device, a.steps, a.warmup, a.chunk)
+    res["steps"] = bench_variants(model, batch, device, a.steps, a.warmup, a.chunk, a.profile)
     print("[bench] scoring pass", flush=True)
     res["score_pass"] = bench_score_pass(model, batch, device, a.steps, a.chunk)
     print("[bench] attention score", flush=True)
