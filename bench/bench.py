@@ -8,7 +8,8 @@ For each variant: median step time (forward + selection + backward + AdamW step)
 ``--steps`` after ``--warmup``, tokens/s, peak memory (CUDA: max_memory_allocated; CPU: peak
 RSS sampled every millisecond, minus the RSS before the variant) and the ratio to ``full``,
 and where the step's time goes (online history forward, training forward with selection,
-backward, optimizer: the phases are split by device syncs).
+backward, optimizer: the phases are split by device syncs, which on a GPU adds a few short
+idle gaps to every step, so totals are not comparable with runs taken before the split).
 Then the per-token scoring pass (``sstoken score``: no grad, chunked loss) against a naive HF
 forward with full fp32 logits, and the attention-score computation alone (eager B x H x L x L
 against the fused indicator-value SDPA call). Results are appended to BENCHMARKS.md (machine,
@@ -144,12 +145,9 @@ def make_batch(B, L, V, device, prompt_frac=0.25, seed=0):
 PROFILED = ("full (naive: full fp32 logits)", "full", "sstoken (cached history)", "sstoken (online history)")
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
-
-
 def profile_step(step, device, path: Path, name: str, top: int = 30) -> None:
-    """One more step under ``torch.profiler``: the ops with the most self time, as a text table."""
+    """One more step under ``torch.profiler``; the ops with the most self time are appended to
+    ``path`` as a text table (one file for every profiled variant)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -158,8 +156,9 @@ def profile_step(step, device, path: Path, name: str, top: int = 30) -> None:
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=top, max_name_column_width=60)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {name}: one training step, top {top} ops by {key}\n\n{table}\n")
-    print(f"  profile -> {path}", flush=True)
+    with open(path, "a") as f:
+        f.write(f"# {name}: one training step under the profiler, top {top} ops by {key}\n\n{table}\n\n")
+    print(f"  profile of {name} -> {path}", flush=True)
 
 
 def naive_step_loss(model, batch):
@@ -170,7 +169,7 @@ def naive_step_loss(model, batch):
     return (lp * resp).sum() / resp.sum()
 
 
-def bench_variants(model, batch, device, steps, warmup, chunk, profile_dir=None):
+def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None):
     from transformers import TrainingArguments
 
     resp = (batch["labels"] != -100)
@@ -238,8 +237,8 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_dir=None)
                     times.append(t[-1] - t[0])
                     for k, a, b in zip(PHASES, t, t[1:]):
                         phases[k].append(b - a)
-        if profile_dir and name in PROFILED:
-            profile_step(one_step, device, Path(profile_dir) / f"{slug(name)}.txt", name)
+        if profile_path and name in PROFILED:
+            profile_step(one_step, device, Path(profile_path), name)
         if trainer is not None and trainer.hook is not None:
             model.get_base_model().set_attn_implementation(impl_before.replace("sstoken_", ""))
         med = statistics.median(times)
@@ -335,7 +334,7 @@ def to_markdown(res) -> str:
     lines += ["", "Where the time goes (median of each phase; the phases are split by device syncs):", "",
               "| variant | " + " | ".join(PHASES) + " |", "| --- |" + " ---: |" * len(PHASES)]
     for r in res["steps"]:
-        ph = r.get("phases_s", {})
+        ph = r["phases_s"]
         lines.append(f"| {r['variant']} | " + " | ".join(f"{ph[k] * 1e3:.1f} ms" for k in PHASES) + " |")
     lines += ["", "| scoring pass | median | tokens/s | peak memory |", "| --- | ---: | ---: | ---: |"]
     for name, r in res["score_pass"].items():
@@ -365,9 +364,9 @@ def main(argv=None):
     p.add_argument("--attn-lengths", default=None, help="comma-separated L for the attention micro-benchmark")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to append to ('' = none)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
-    p.add_argument("--profile", default=None, metavar="DIR",
+    p.add_argument("--profile", default=None, metavar="FILE",
                    help="also trace one step of " + ", ".join(PROFILED) + " with torch.profiler; "
-                        "the top ops by self time go to DIR/<variant>.txt")
+                        "the top ops by self time of each are appended to FILE")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

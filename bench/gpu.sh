@@ -15,6 +15,6 @@ python3 -m pytest -p no:cacheprovider -m gpu tests/test_gpu.py -q -rA 2>&1 | tee
 # the 3B shape, batch 4 x 2048, every method side by side; attention score at 2k and 8k;
 # one profiled step of the anchor, full and sstoken (cached / online) to explain any miss
 python3 bench/bench.py --shape 3b --attn-lengths 2048,8192 --steps 5 --warmup 2 \
-    --profile "$OUT/profile" \
+    --profile "$OUT/profile-3b.txt" \
     --out "$OUT/BENCHMARKS-gpu.md" --json "$OUT/bench-3b.json" 2>&1 | tee "$OUT/bench-3b.log"
 echo "[gpu.sh] done: $OUT (append $OUT/BENCHMARKS-gpu.md to BENCHMARKS.md)"

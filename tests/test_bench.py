@@ -5,22 +5,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 
-def test_bench_tiny_smoke(tmp_path):
+def test_bench_tiny_smoke(tmp_path, monkeypatch):
     import bench
 
+    calls = []
+    real = bench.SelectionTrainer.history_losses
+    monkeypatch.setattr(bench.SelectionTrainer, "history_losses",
+                        lambda self, *a, **k: calls.append(self.sel.history) or real(self, *a, **k))
+
     res = bench.main(["--shape", "tiny", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "32",
-                      "--out", str(tmp_path / "B.md"), "--profile", str(tmp_path / "prof")])
+                      "--out", str(tmp_path / "B.md"), "--profile", str(tmp_path / "prof.txt")])
     names = [r["variant"] for r in res["steps"]]
     assert names[:2] == ["full (naive: full fp32 logits)", "full"] and len(names) == 8
     assert all(r["median_s"] > 0 and r["tokens_per_s"] > 0 for r in res["steps"])
     assert all(set(r["phases_s"]) == set(bench.PHASES) for r in res["steps"])
-    online = next(r for r in res["steps"] if r["variant"] == "sstoken (online history)")
-    assert online["phases_s"]["history forward"] > 0
+    # the split step runs the history forward once per step: online (1 timed + 1 profiled), EMA (1)
+    assert sorted(calls) == ["base", "base", "ema"]
     att = res["attention"]["32"]["fused SDPA, indicator value"]
     assert att["max_abs_err_vs_eager"] < 1e-5
     text = (tmp_path / "B.md").read_text()
     assert "| sstoken (online history) |" in text and "command:" in text
     assert "| variant | history forward | forward + selection | backward | optimizer |" in text
-    profiles = sorted(p.name for p in (tmp_path / "prof").iterdir())
-    assert profiles == sorted(bench.slug(n) + ".txt" for n in bench.PROFILED)
-    assert "aten::mm" in (tmp_path / "prof" / "sstoken-online-history.txt").read_text()
+    prof = (tmp_path / "prof.txt").read_text()
+    assert [line for line in prof.splitlines() if line.startswith("# ")] == \
+        [f"# {n}: one training step under the profiler, top 30 ops by self_cpu_time_total" for n in bench.PROFILED]
+    assert "aten::mm" in prof

@@ -46,8 +46,9 @@ def test_chunked_loss_on_cuda_matches_full_logits():
     W = torch.randn(32000, 256, device="cuda", generator=g, requires_grad=True)
     ids = torch.randint(0, 32000, (4, 512), device="cuda", generator=g)
     mask = torch.rand(4, 512, device="cuda", generator=g) > 0.3
-    w = (torch.rand(4, 512, device="cuda", generator=g) > 0.4).float()   # 40% dropped by selection
-    fast = scoring.response_token_losses(h, W, ids, mask, chunk_size=1000)
+    keep = torch.rand(4, 512, device="cuda", generator=g) > 0.4            # 40% dropped by selection
+    w = torch.randn(4, 512, device="cuda", generator=g) * keep             # any sign, 0 when dropped
+    fast = scoring.response_token_losses(h, W, ids, mask, chunk_size=256)   # several chunks
     (fast * w).sum().backward()
     gh, gw = h.grad.clone(), W.grad.clone()
     h.grad = W.grad = None

@@ -102,7 +102,7 @@ def test_chunked_losses_and_grads_match_full_logits(dtype, tol, chunk, dropped):
     W = torch.randn(V, H, generator=g, dtype=dtype, requires_grad=True)
     ids = torch.randint(0, V, (B, L), generator=g)
     mask = random_mask(B, L, g)
-    w = torch.rand(B, L, generator=g, dtype=torch.float32)      # arbitrary downstream weights
+    w = torch.randn(B, L, generator=g, dtype=torch.float32)     # arbitrary downstream weights, any sign
     w[torch.rand(B, L, generator=g) < dropped] = 0.0             # tokens selection drops
 
     fast = S.response_token_losses(hidden, W, ids, mask, chunk_size=chunk)

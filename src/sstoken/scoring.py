@@ -58,7 +58,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     Forward keeps only the log-sum-exp per row; backward recomputes each chunk's logits
     (one extra matmul) so memory stays O(chunk * V) in fp32. Backward visits only the rows
     whose loss has a non-zero gradient: a token that selection drops (weight 0 in Eq. 10)
-    costs no backward matmul through the vocabulary.
+    costs no backward matmul through the vocabulary. Exact up to summation order; a dropped
+    row with non-finite logits gives a zero gradient, not NaN as 0 * NaN would.
     """
 
     @staticmethod
