@@ -207,8 +207,7 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
             sync(device)
             t = [time.perf_counter()]
             if trainer is None:
-                sync(device)
-                t.append(time.perf_counter())
+                t.append(t[0])                                      # no history forward
                 loss = naive_step_loss(model, inputs)
             else:
                 # what compute_loss does, split so the online history forward is timed alone
@@ -368,6 +367,15 @@ def main(argv=None):
                    help="also trace one step of " + ", ".join(PROFILED) + " with torch.profiler; "
                         "the top ops by self time of each are appended to FILE")
     a = p.parse_args(argv)
+    for flag, path in (("--out", a.out), ("--json", a.json), ("--profile", a.profile)):
+        if path:                      # fail now, not after minutes of timing
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                p.error(f"{flag} {path}: cannot create its folder ({e.strerror})")
+            target = path if os.path.exists(path) else Path(path).parent
+            if not os.access(target, os.W_OK) or os.path.isdir(path):
+                p.error(f"{flag} {path}: not a writable file")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     defaults = {"tiny": (4, 128), "smollm2": (2, 256), "3b": (4, 2048)}[a.shape]

@@ -1,6 +1,9 @@
 """The benchmark script runs end to end on the tiny model (CPU smoke; no timing asserted)."""
+import re
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
@@ -30,3 +33,15 @@ def test_bench_tiny_smoke(tmp_path, monkeypatch):
     assert [line for line in prof.splitlines() if line.startswith("# ")] == \
         [f"# {n}: one training step under the profiler, top 30 ops by self_cpu_time_total" for n in bench.PROFILED]
     assert "aten::mm" in prof
+
+
+
+def test_bench_rejects_an_unwritable_output_before_running(tmp_path, capsys):
+    import bench
+
+    (tmp_path / "file").write_text("x")
+    for argv, msg in ((["--profile", str(tmp_path / "file" / "p.txt")], "--profile .*cannot create its folder"),
+                      (["--json", str(tmp_path)], "--json .*not a writable file")):
+        with pytest.raises(SystemExit):
+            bench.main(["--shape", "tiny", *argv])
+        assert re.search(msg, capsys.readouterr().err)
