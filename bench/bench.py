@@ -28,15 +28,18 @@ import threading
 import time
 from pathlib import Path
 
+import contextlib
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sstoken import attention, scoring  # noqa: E402
-from sstoken.config import SelectionArguments  # noqa: E402
+from sstoken.args import SelectionArguments  # noqa: E402
 from sstoken.modeling import add_lora, forward_token_losses  # noqa: E402
-from sstoken.trainer import SelectionTrainer, expected_kept, response_mask  # noqa: E402
+from sstoken.scoring import response_mask  # noqa: E402
+from sstoken.trainer import SelectionTrainer  # noqa: E402
 
 # Each timed step, split at device syncs: the online history forward (no grad; 0 when the
 # history is cached or not used), the training forward with loss and selection, backward, AdamW.
@@ -165,15 +168,14 @@ def naive_step_loss(model, batch):
     """The anchor: HF forward with full logits, fp32 per-token cross-entropy, mean over R."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     lp = scoring.token_losses_from_logits(logits, batch["input_ids"])
-    resp = batch["labels"] != -100
+    resp = response_mask(batch["labels"])
     return (lp * resp).sum() / resp.sum()
 
 
 def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None):
     from transformers import TrainingArguments
 
-    resp = (batch["labels"] != -100)
-    resp[:, 0] = False
+    resp = response_mask(batch["labels"])
     with torch.no_grad():
         base_losses = forward_token_losses(model, batch["input_ids"], batch["attention_mask"], resp, chunk)
     cached = {**batch, "history_loss": base_losses, "ref_loss": base_losses,
@@ -188,14 +190,15 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
         ("sstoken (online history)", SelectionArguments(method="sstoken"), batch),
         ("sstoken (EMA history)", SelectionArguments(method="sstoken", history="ema"), batch),
     ]
-    args = TrainingArguments(output_dir="/tmp/sstoken-bench", report_to="none", use_cpu=device.type == "cpu",
-                             remove_unused_columns=False, max_steps=1)
+    import tempfile
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="sstoken-bench-"), report_to="none",
+                             use_cpu=device.type == "cpu", remove_unused_columns=False, max_steps=1)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     tokens = int(batch["attention_mask"].sum())
     rows = []
     for name, sel, inputs in variants:
-        impl_before = model.get_base_model().config._attn_implementation
         trainer = None
         if sel is not None:
             sel.save_scores = 0
@@ -211,11 +214,14 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
                 loss = naive_step_loss(model, inputs)
             else:
                 # what compute_loss does, split so the online history forward is timed alone
-                step_inputs = trainer.with_history(model, inputs, response_mask(inputs["labels"]),
-                                                   trainer.effective_gamma())
+                resp = response_mask(inputs["labels"])
+                step_inputs = inputs
+                if trainer.method.needs(0, 0).history and "history_loss" not in inputs:
+                    step_inputs = {**inputs, "history_loss": trainer.history.losses(
+                        model, inputs["input_ids"], inputs["attention_mask"], resp, chunk)}
                 sync(device)
                 t.append(time.perf_counter())
-                n = torch.tensor(float(expected_kept(inputs, sel)), device=device)
+                n = torch.tensor(float(trainer.method.num_kept(resp, inputs)), device=device)
                 loss = trainer.compute_loss(model, step_inputs, num_items_in_batch=n)
             sync(device)
             t.append(time.perf_counter())
@@ -229,17 +235,16 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
             return t
 
         times, phases = [], {k: [] for k in PHASES}
-        with PeakMemory(device) as mem:
-            for s in range(warmup + steps):
-                t = one_step()
-                if s >= warmup:
-                    times.append(t[-1] - t[0])
-                    for k, a, b in zip(PHASES, t, t[1:]):
-                        phases[k].append(b - a)
-        if profile_path and name in PROFILED:
-            profile_step(one_step, device, Path(profile_path), name)
-        if trainer is not None and trainer.hook is not None:
-            model.get_base_model().set_attn_implementation(impl_before.replace("sstoken_", ""))
+        with trainer.attention_hook() if trainer is not None else contextlib.nullcontext():
+            with PeakMemory(device) as mem:
+                for s in range(warmup + steps):
+                    t = one_step()
+                    if s >= warmup:
+                        times.append(t[-1] - t[0])
+                        for k, a, b in zip(PHASES, t, t[1:]):
+                            phases[k].append(b - a)
+            if profile_path and name in PROFILED:
+                profile_step(one_step, device, Path(profile_path), name)
         med = statistics.median(times)
         rows.append({"variant": name, "median_s": med, "tokens_per_s": tokens / med,
                      "peak_gib": mem.peak_bytes / 2**30, "extra_gib": mem.extra_bytes / 2**30,
@@ -257,7 +262,7 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
 @torch.no_grad()
 def bench_score_pass(model, batch, device, steps, chunk):
     model.eval()
-    resp = batch["labels"] != -100
+    resp = response_mask(batch["labels"])
     out = {}
     for name, fn in [
         ("naive HF forward, full fp32 logits", lambda: scoring.token_losses_from_logits(

@@ -18,25 +18,25 @@ from conftest import make_records  # noqa: E402
 def main(out: str, model_dir: str, method: str, per_device: int, accum: int, finetune: str):
     from transformers import TrainingArguments
 
-    from sstoken.config import DataArguments, ModelArguments, SelectionArguments
+    from sstoken.args import FinetuneArguments, ModelArguments, SelectionArguments
     from sstoken.data import build_examples
     from sstoken.modeling import load_tokenizer
-    from sstoken.pipeline import _train_once, build_model
+    from sstoken.runs import _train_once, build_model
 
     torch.manual_seed(0)
     tok = load_tokenizer(model_dir)
     recs = make_records(8, seed=3, multi_turn=True)
     examples, _ = build_examples(((f"r{k}", r) for k, r in enumerate(recs)), tok)
-    model_args = ModelArguments(model=model_dir, dtype="float32", finetune=finetune,
-                                lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model_args = ModelArguments(model=model_dir, dtype="float32")
+    finetune_args = FinetuneArguments(finetune=finetune, lora_r=4, lora_alpha=8, lora_dropout=0.0)
     sel = SelectionArguments(method=method, rho=0.6, gamma=0.5, save_scores=0)
     args = TrainingArguments(output_dir=out + ".run", per_device_train_batch_size=per_device,
                              gradient_accumulation_steps=accum, max_steps=1, learning_rate=0.5,
                              optim="sgd", lr_scheduler_type="constant", report_to="none",
                              remove_unused_columns=False, save_strategy="no", logging_steps=1,
                              use_cpu=True, seed=0, disable_tqdm=True, max_grad_norm=0.0)
-    model = build_model(model_args)
-    trainer, _ = _train_once(model, tok, examples, model_args, sel, args, __import__("pathlib").Path(out + ".run"))
+    model = build_model(model_args, finetune_args, seed=0)
+    trainer = _train_once(model, tok, examples, model_args, sel, args, __import__("pathlib").Path(out + ".run"))
     if int(os.environ.get("RANK", "0")) == 0:
         params = {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(params, out)

@@ -11,10 +11,12 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 def test_bench_tiny_smoke(tmp_path, monkeypatch):
     import bench
 
+    from sstoken import history
+
     calls = []
-    real = bench.SelectionTrainer.history_losses
-    monkeypatch.setattr(bench.SelectionTrainer, "history_losses",
-                        lambda self, *a, **k: calls.append(self.sel.history) or real(self, *a, **k))
+    for cls, label in ((history.BaseHistory, "base"), (history.EMAHistory, "ema")):
+        monkeypatch.setattr(cls, "losses", lambda self, *a, _real=cls.losses, _label=label, **k:
+                            calls.append(_label) or _real(self, *a, **k))
 
     res = bench.main(["--shape", "tiny", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "32",
                       "--out", str(tmp_path / "B.md"), "--profile", str(tmp_path / "prof.txt")])

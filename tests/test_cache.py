@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from sstoken import cache
-from sstoken.config import DataArguments, ModelArguments
+from sstoken.args import DataArguments, ModelArguments
 from sstoken.data import build_examples
-from sstoken.pipeline import compute_losses, losses_for, run_score
+from sstoken.losses import LossProvider, compute_losses
+from sstoken.runs import score
 from sstoken.testing import tiny_llama
 
 
@@ -63,14 +64,14 @@ def test_score_pass_matches_unbatched_losses_and_is_reused(tmp_path, tiny_dir, t
     import json
 
     data.write_text("\n".join(json.dumps(r) for r in records(7)))
-    d = DataArguments(data=str(data))
+    d = DataArguments(data=str(data), cache_dir=str(tmp_path / "c"))
     m = ModelArguments(model=tiny_dir, dtype="float32")
-    path = run_score(tiny_dir, d, m, str(tmp_path / "c"))
+    path = score(m, d)
     assert (path / "meta.json").exists()
     ex2, _ = build_examples(((str(k), r) for k, r in enumerate(records(7))), tok)
-    assert losses_for(tiny_dir, ex2, d, m, tmp_path / "c", "history_loss", compute=False)
+    assert LossProvider(m, d).attach(tiny_dir, ex2, "history_loss", compute=False)
     assert ex2[0].extra["history_loss"] == pytest.approx(batched[0].tolist(), abs=1e-5)
     # a different max length is a different key: not found, never silently reused
     ex3, _ = build_examples(((str(k), r) for k, r in enumerate(records(7))), tok, max_seq_length=9)
-    d9 = DataArguments(data=str(data), max_seq_length=9)
-    assert not losses_for(tiny_dir, ex3, d9, m, tmp_path / "c", "history_loss", compute=False)
+    d9 = DataArguments(data=str(data), max_seq_length=9, cache_dir=str(tmp_path / "c"))
+    assert not LossProvider(m, d9).attach(tiny_dir, ex3, "history_loss", compute=False)

@@ -7,8 +7,13 @@ import pytest
 import torch
 import yaml
 
-from sstoken.cli import build_parser, main
-from sstoken.config import parse_train_args
+from sstoken.args import parse
+from sstoken.cli import main
+from sstoken.errors import UsageError
+
+
+def parse_train_args(argv):
+    return parse("train", argv)
 
 
 def write_data(tmp_path, records, n=6):
@@ -21,19 +26,19 @@ def test_yaml_config_and_flag_override(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"method": "sstoken", "rho": 0.5, "gamma": 0.3,
                                    "learning_rate": 3e-4, "output_dir": str(tmp_path / "o")}))
-    m, d, s, t = parse_train_args(["--config", str(cfg), "--rho", "0.7"])
+    m, f, d, s, t = parse_train_args(["--config", str(cfg), "--rho", "0.7"])
     assert (s.method, s.rho, s.gamma, t.learning_rate) == ("sstoken", 0.7, 0.3, 3e-4)
-    assert m.lora_r == 64 and m.lora_alpha == 16 and d.template == "tulu"
+    assert f.lora_r == 64 and f.lora_alpha == 16 and d.template == "tulu"
     cfg.write_text(yaml.safe_dump({"rhoo": 0.5}))
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(UsageError, match="unknown option"):
         parse_train_args(["--config", str(cfg)])
 
 
 def test_paper_config_parses():
     from pathlib import Path
 
-    m, d, s, t = parse_train_args(["--config", str(Path(__file__).parents[1] / "configs" / "paper.yaml"), "--bf16", "false"])
-    assert (s.method, s.rho, s.gamma, s.rel_warmup, m.lora_r, d.max_seq_length) == \
+    m, f, d, s, t = parse_train_args(["--config", str(Path(__file__).parents[1] / "configs" / "paper.yaml"), "--bf16", "false"])
+    assert (s.method, s.rho, s.gamma, s.rel_warmup, f.lora_r, d.max_seq_length) == \
         ("sstoken", 0.6, 0.5, 0.2, 64, 2048)
 
 
@@ -41,15 +46,15 @@ def test_paper_config_parses():
                                       (["--rho", "0"], "rho must be"),
                                       (["--method", "rho1"], "needs --ref_model")])
 def test_bad_options_are_explained(bad, msg):
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(UsageError, match=msg):
         parse_train_args(bad)
 
 
 def test_help_explains_every_subcommand(capsys):
-    p = build_parser()
-    text = p.format_help()
-    for cmd in ("train", "score", "merge", "demo", "train-ref"):
-        assert cmd in text
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for cmd in ("train", "score", "merge", "demo", "train-ref", "eval", "compare", "show", "sweep"):
+        assert f"  {cmd} " in text
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
@@ -66,7 +71,7 @@ def test_train_lora_then_merge_round_trip(tmp_path, tiny_dir, records):
     summary = json.loads((out / "sstoken_run.json").read_text())
     assert summary["steps"] == 2 and summary["method"] == "sstoken"
     assert (out / "adapter_model.safetensors").exists() and (out / "selection.jsonl").exists()
-    assert main(["merge", "--base", tiny_dir, "--adapter", str(out), "--output", str(tmp_path / "m")]) == 0
+    assert main(["merge", "--model", tiny_dir, "--adapter", str(out), "--output", str(tmp_path / "m")]) == 0
     from peft import PeftModel
 
     from sstoken.modeling import load_model

@@ -5,6 +5,12 @@ rework (round 3) and must not move when code is reorganized: the logged loss of 
 the kept tokens of each saved example and a checksum of the trained weights. A behaviour
 change in sstoken, transformers or peft shows up here as a diff against these numbers.
 
+One entry was re-pinned on purpose: ``sstoken-gamma1-warmup``. With ``--gamma 1`` and a REL
+warm-up the old trainer never installed the attention hook, so the warm-up steps (documented
+as attention-only) scored every token 0 and kept the earliest positions; the methods rework
+asks each method what it needs at the start and the end of training, and the warm-up now
+selects by attention as documented.
+
 Regenerate (only for a deliberate behaviour change, and say why in the commit):
 ``SSTOKEN_REPIN=1 .venv/bin/python -m pytest tests/test_pinned.py``.
 """

@@ -1,6 +1,6 @@
-"""The selection report: input checks, page structure and escaping, compact data (size, round
-trip), plots, the `show` command; and the page rendered in headless Chromium (-m browser)."""
-import argparse
+"""The selection report (sstoken.report): page structure and escaping, compact data (size, round
+trip), static files, plots, the `show` command; and the page rendered in headless Chromium
+(-m browser). The record schema and its files: test_records.py."""
 import json
 import os
 import random
@@ -10,90 +10,17 @@ import subprocess
 import time
 
 import pytest
+from fake_scores import fake_record
 
-from sstoken.report import (ReportError, add_show_parser, check_record, plot_ablation,
-                            plot_rel_vs_attn, plot_score_histograms, plot_training, read_report,
-                            read_scores, run_show, write_html)
+from sstoken.report import (ReportError, plot_ablation, plot_rel_vs_attn, plot_score_histograms,
+                            plot_training, read_report, write_html)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# ~3,000 distinct "BPE pieces": 1,000 real examples of 200 tokens have a few thousand distinct
-# tokens, so the token index needs two digits, as it would on real data.
-VOCAB = [w + s for w in ("the", " sea", " is", " 5", ".", " blue", " eggs", " Answer", ":", " x",
-                         " total", " of", " 12", " and", " +", " =", " $", "ing", " her", "ly")
-         for s in [""] + [chr(97 + i) + chr(97 + j) for i in range(12) for j in range(12)]]
-
-
-def fake_record(k, method="sstoken", n=200, rng=None, tokens=None, gamma=0.5):
-    """A scores record like the trainer writes: a prompt quarter, then the response, with a
-    top-60% selection by gamma * rel_norm + (1 - gamma) * attn_score."""
-    rng = rng or random.Random(hash((k, method)) & 0xFFFF)
-    tokens = tokens or [rng.choice(VOCAB) if rng.random() > 0.05 else "\n" for _ in range(n)]
-    n = len(tokens)
-    resp = [i >= n // 4 for i in range(n)]
-    attn = [rng.random() * 0.6 if r else None for r in resp]
-    rel = [rng.gauss(0, 1) if r else None for r in resp]
-    vals = [v for v in rel if v is not None]
-    lo, hi = min(vals), max(vals)
-    reln = [(v - lo) / (hi - lo) if v is not None else None for v in rel]
-    g = gamma if gamma is not None else 0.5
-    score = [g * a + (1 - g) * b if r else None for a, b, r in zip(reln, attn, resp)]
-    order = sorted((i for i in range(n) if resp[i]), key=lambda i: -score[i])
-    top = set(order[: -(-len(order) * 6 // 10)])
-    keep = [i in top for i in range(n)]
-    return {"id": f"ex{k}", "method": method, "step": 3, "gamma": gamma, "rho": 0.6,
-            "tokens": tokens, "response": resp, "keep": keep,
-            "loss": [rng.random() * 4 if r else None for r in resp], "rel": rel, "rel_norm": reln,
-            "attn_score": attn, "score": score,
-            "by_attention": [kk and (1 - g) * (a or 0) > g * (b or 0)
-                             for kk, a, b in zip(keep, attn, reln)]}
 
 
 def page_data(text):
     block = text.split('id="sstoken-data">')[1].split("</script>")[0]
     return json.loads(block)
-
-
-# --------------------------------------------------------------------------- input
-
-def test_read_scores_several_files_and_single_path(tmp_path):
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    a.write_text("\n".join(json.dumps(fake_record(k)) for k in range(3)) + "\n\n")
-    b.write_text(json.dumps(fake_record(0, "random", gamma=None)) + "\n")
-    recs = read_scores([a, str(b)])
-    assert [(r["id"], r["method"]) for r in recs] == [("ex0", "sstoken"), ("ex1", "sstoken"),
-                                                      ("ex2", "sstoken"), ("ex0", "random")]
-    assert len(read_scores(str(a))) == 3                      # one path, not its characters
-
-
-def test_bad_scores_files_name_file_and_line(tmp_path):
-    p = tmp_path / "s.jsonl"
-    good = fake_record(0, n=10)
-    cases = [
-        (json.dumps(good) + "\n{oops\n", r"s\.jsonl:2: invalid JSON"),
-        (json.dumps(dict(good, keep=[True])), r"s\.jsonl:1: field 'keep' has 1 values for 10 tokens"),
-        (json.dumps({"id": "x", "method": "m"}), r"s\.jsonl:1: missing field\(s\) tokens, response, keep"),
-        ("[1, 2]", r"s\.jsonl:1: expected a JSON object"),
-        (json.dumps(dict(good, score=["high"] * 10)), r"s\.jsonl:1: field 'score' must hold numbers"),
-        (json.dumps(dict(good, loss=3.0)), r"s\.jsonl:1: field 'loss' must be a list"),
-        (json.dumps(dict(good, tokens=[1] * 10)), r"s\.jsonl:1: field 'tokens' must be a list of strings"),
-    ]
-    for text, msg in cases:
-        p.write_text(text)
-        with pytest.raises(ReportError, match=msg):
-            read_scores([p])
-    with pytest.raises(ReportError, match="nope.jsonl: no such file"):
-        read_scores([tmp_path / "nope.jsonl"])
-
-
-def test_check_record_fills_optional_fields():
-    rec = fake_record(0, n=12)
-    want = rec.pop("by_attention")
-    for k in ("loss", "rel", "step"):
-        rec.pop(k)
-    out = check_record(dict(rec, id=7, tokens=None))
-    assert out["id"] == "7" and out["tokens"][0] == "\u27e80\u27e9"
-    assert out["by_attention"] == want                # derived from gamma, rel_norm, attn_score
-    assert check_record(dict(rec, gamma=None))["by_attention"] == [False] * 12
 
 
 # --------------------------------------------------------------------------- page
@@ -114,6 +41,26 @@ def test_page_structure_side_by_side_legend_and_filters(tmp_path):
     data = page_data(text)
     assert [r["method"] for r in data["runs"] if r["id"] == "ex1"] == ["sstoken", "random"]
     assert len(data["seqs"]) == 6 and data["w"] == 2              # distinct sequences, 2-digit vocab
+
+
+def test_static_files_are_package_data_inlined_in_the_page(tmp_path):
+    """CSS and JS live in sstoken/report/static, are found through importlib.resources (as in an
+    installed wheel) and are inlined: the page is one file that loads nothing."""
+    from importlib import resources
+
+    static = resources.files("sstoken.report").joinpath("static")
+    css = static.joinpath("report.css").read_text(encoding="utf-8")
+    js = static.joinpath("report.js").read_text(encoding="utf-8")
+    assert ".tok.kept.attn{" in css and "function render()" in js
+    assert "</script" not in js.lower() and "</style" not in css.lower()
+    text = write_html([fake_record(0, n=20)], tmp_path / "r.html").read_text(encoding="utf-8")
+    assert f"<style>\n{css}</style>" in text and f"<script>\n{js}</script>" in text
+    assert not re.search(r"<link|<script[^>]* src=|@import|url\(", text)     # nothing external
+    # the tooltip's fields come from the data, in the schema's order, not from the script
+    from sstoken.records import PER_TOKEN_NUMERIC
+
+    assert [k for k, _ in page_data(text)["fields"]] == list(PER_TOKEN_NUMERIC)
+    assert "const FIELDS = DATA.fields;" in js and "'rel_norm'" not in js
 
 
 def test_page_data_round_trips(tmp_path):
@@ -251,13 +198,11 @@ def test_plots_skip_missing_fields(tmp_path):
 
 # --------------------------------------------------------------------------- CLI
 
-def _show_args(argv):
-    p = argparse.ArgumentParser()
-    add_show_parser(p.add_subparsers(dest="command"))
-    return p.parse_args(["show", *argv])
+def test_show_options_and_page(tmp_path, capsys):
+    from sstoken.args import parse
+    from sstoken.cli import main
+    from sstoken.report import show
 
-
-def test_show_parser_and_records_hook(tmp_path):
     s1, s2 = tmp_path / "s.jsonl", tmp_path / "r.jsonl"
     s1.write_text("\n".join(json.dumps(fake_record(k)) for k in range(5)))
     s2.write_text("\n".join(json.dumps(fake_record(k, "random", gamma=None)) for k in range(5)))
@@ -265,26 +210,26 @@ def test_show_parser_and_records_hook(tmp_path):
     run.mkdir(parents=True)
     (run / "trainer_state.json").write_text(json.dumps(
         {"log_history": [{"step": i, "loss": 1.0 / i, "sel/kept_frac": 0.6} for i in range(1, 4)]}))
-    a = _show_args(["--scores", str(s1), str(s2), "--trainer-state", f"ss={run}",
-                    "--trainer-state", str(run / "trainer_state.json"), "--output",
-                    str(tmp_path / "out" / "rep.html"), "--title", "X", "--max-examples", "3"])
-    assert a.func is run_show and a.scores == [str(s1), str(s2)] and len(a.trainer_state) == 2
-    assert run_show(a) == 0
+    argv = ["--scores", str(s1), str(s2), "--trainer-state", f"ss={run}",
+            "--trainer-state", str(run / "trainer_state.json"), "--output",
+            str(tmp_path / "out" / "rep.html"), "--title", "X", "--max-examples", "3"]
+    *_, a = parse("show", argv)
+    assert a.scores == [str(s1), str(s2)] and len(a.trainer_state) == 2
+    assert main(["show", *argv]) == 0
     recs = read_report(tmp_path / "out" / "rep.html")
     assert sorted({r["id"] for r in recs}) == ["ex0", "ex1", "ex2"] and len(recs) == 6
     text = (tmp_path / "out" / "rep.html").read_text()
     assert text.count("data:image/png;base64,") == 4     # loss, kept fraction, scores, rel vs attn
     assert {p.name for p in (tmp_path / "out" / "rep_plots").iterdir()} >= {"scores.png", "rel_vs_attn.png"}
-    # the hook for callers that build records themselves (scoring without --scores)
-    b = _show_args(["--output", str(tmp_path / "hook.html")])
-    b.records = [fake_record(9)]
-    assert run_show(b) == 0 and read_report(tmp_path / "hook.html")[0]["id"] == "ex9"
-    with pytest.raises(SystemExit, match="nothing to show"):
-        run_show(_show_args(["--output", str(tmp_path / "e.html")]))
+    # the library function, for callers that build records themselves
+    show([fake_record(9)], output=tmp_path / "hook.html")
+    assert read_report(tmp_path / "hook.html")[0]["id"] == "ex9"
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops")
-    with pytest.raises(SystemExit, match=r"bad\.jsonl:1: invalid JSON"):
-        run_show(_show_args(["--scores", str(bad)]))
+    capsys.readouterr()
+    assert main(["show", "--scores", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1: invalid JSON" in err and "Traceback" not in err
 
 
 def test_show_cli_from_scores_and_from_model(tmp_path, tiny_dir, records):

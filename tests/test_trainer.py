@@ -12,11 +12,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
-from sstoken.config import SelectionArguments
+from sstoken.args import SelectionArguments
 from sstoken.data import Collator, ExampleDataset, build_examples
-from sstoken.pipeline import tokencleaning_keep
-from sstoken.testing import tiny_llama
-from sstoken.trainer import SelectionTrainer, TrainableEMA
+from sstoken.history import TrainableEMA
+from sstoken.methods.tokencleaning import pool_keep
+from sstoken.scoring import response_mask
+from sstoken.testing import free_port, tiny_llama
+from sstoken.trainer import SelectionTrainer
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -71,7 +73,7 @@ def step_results(tiny_dir, tmp_path_factory):
             res[f"{pd}x{acc}"][m] = load_file(str(out / f"{pd}x{acc}.{m}.st"))
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29533", str(HERE / "ddp_step.py"), str(out / "ddp"), tiny_dir,
+           "--master_port", str(free_port()), str(HERE / "ddp_step.py"), str(out / "ddp"), tiny_dir,
            "full,sstoken", "2", "2", "full"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -105,7 +107,9 @@ def make_batch(tok, seed=0):
 
 
 def trainer_for(model, tok, ex, sel, **kw):
-    args = TrainingArguments(output_dir="/tmp/sstoken-test-trainer", report_to="none",
+    import tempfile
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="sstoken-test-"), report_to="none",
                              remove_unused_columns=False, use_cpu=True, seed=0, max_steps=1)
     return SelectionTrainer(model=model, args=args, train_dataset=ExampleDataset(ex),
                             data_collator=Collator(tok.pad_token_id), processing_class=tok,
@@ -149,22 +153,15 @@ def ref_loss(cur, keep):
 
 
 def run_trainer_step(trainer, tok, ex):
+    """The trainer's loss on one batch of ``ex``, and the keep mask of the same step through
+    the same code path (``forward_select``, which ``compute_loss`` calls)."""
     batch = Collator(tok.pad_token_id)([ExampleDataset(ex)[k] for k in range(len(ex))])
-    from sstoken.modeling import forward_token_losses
-    from sstoken.trainer import response_mask
-
     model = trainer.model
-    resp = response_mask(batch["labels"])
-    loss = trainer.compute_loss(model, batch)
-    batch = trainer.with_history(model, batch, resp, trainer.effective_gamma())
-    # the keep mask of the same step, through the same code path
-    if trainer.hook is not None:
-        trainer.hook.arm(batch["attention_mask"].bool() & ~resp)
-    cur = forward_token_losses(model, batch["input_ids"], batch["attention_mask"], resp)
-    attn = trainer.hook.take() if trainer.hook is not None else None
-    keep, parts = trainer.select(batch, cur.detach(), resp, attn, trainer.effective_gamma())
-    sets = [set(torch.nonzero(keep[b]).flatten().tolist()) for b in range(len(ex))]
-    return float(loss), sets, parts
+    with trainer.attention_hook():
+        loss = trainer.compute_loss(model, batch)
+        _, _, sel = trainer.forward_select(model, batch)
+    sets = [set(torch.nonzero(sel.keep[b]).flatten().tolist()) for b in range(len(ex))]
+    return float(loss), sets, sel.record
 
 
 @pytest.mark.parametrize("rho", [0.2, 0.6, 1.0])
@@ -261,7 +258,7 @@ def test_tokencleaning_offline_selection_and_step(tok, scope, rho):
         e.extra["base_loss"] = torch.rand(n, generator=g).round(decimals=1).tolist()  # ties
         e.extra["ref_loss"] = torch.rand(n, generator=g).round(decimals=1).tolist()
     sc = [{i: e.extra["base_loss"][i] - e.extra["ref_loss"][i] for i in resp_positions(e)} for e in ex]
-    tokencleaning_keep(ex, rho, scope)
+    pool_keep(ex, rho, scope)
     if scope == "pool":
         items = sorted((-s, b, i) for b, d in enumerate(sc) for i, s in d.items())
         k = math.floor(Fraction(str(rho)) * len(items))
@@ -284,10 +281,10 @@ def test_rel_warmup_uses_attention_only(tok):
     model = tiny_llama(300, layers=2)
     ex = make_batch(tok)
     t = trainer_for(model, tok, ex, SelectionArguments(method="sstoken", gamma=0.7, rel_warmup=0.2))
-    t.state.max_steps, t.state.global_step = 10, 1
-    assert t.effective_gamma() == 0.0
-    t.state.global_step = 2
-    assert t.effective_gamma() == 0.7
+    assert t.method.gamma(1, 10) == 0.0
+    assert t.method.needs(1, 10).attention and not t.method.needs(1, 10).history
+    assert t.method.gamma(2, 10) == 0.7
+    assert t.method.needs(2, 10).history
 
 
 def test_ema_of_adapter_factors_and_swap(tok):
@@ -347,8 +344,6 @@ def test_ema_history_forward_uses_the_averaged_adapter(tok):
     import peft
 
     from sstoken.modeling import forward_token_losses
-    from sstoken.trainer import response_mask
-
     model = peft.get_peft_model(tiny_llama(300, layers=2),
                                 peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     ex = make_batch(tok)
@@ -359,7 +354,7 @@ def test_ema_history_forward_uses_the_averaged_adapter(tok):
     t.ema.update()
     batch = Collator(tok.pad_token_id)([ExampleDataset(ex)[k] for k in range(len(ex))])
     resp = response_mask(batch["labels"])
-    got = t.history_losses(model, batch["input_ids"], batch["attention_mask"], resp)
+    got = t.history.losses(model, batch["input_ids"], batch["attention_mask"], resp, 1024)
     twin = copy.deepcopy(model).eval()
     with torch.no_grad():
         for n, p in twin.named_parameters():

@@ -10,7 +10,7 @@ import math
 import sys
 
 sys.path.insert(0, "src")
-from sstoken.evaluate import heldout_loss  # noqa: E402
+from sstoken.evaluation import heldout_loss  # noqa: E402
 from sstoken.modeling import load_model_with_adapter, load_tokenizer  # noqa: E402
 
 root = "outputs/sweep-smollm2-v2/runs"
@@ -18,8 +18,8 @@ out = {}
 for run in ["full-seed0", "random-seed0", "tokencleaning-seed0", "rho1-seed0", "sstoken-gamma0.5-seed0",
             "sstoken-gamma1.0-seed0"]:
     m = load_model_with_adapter("embedded:smollm2-135m-instruct", f"{root}/{run}", "float32").eval()
-    metrics, prov = heldout_loss(m, load_tokenizer(f"{root}/{run}"), "embedded:gsm8k", skip=500, samples=150,
-                                 template="tulu", max_seq_length=256)
+    metrics, prov = heldout_loss(m, load_tokenizer(f"{root}/{run}"), data="embedded:gsm8k", skip=500,
+                                 samples=150, template="tulu", max_seq_length=256)
     out[run] = prov["document_losses"]
     print(run, metrics["loss"], flush=True)
 json.dump(out, open("outputs/perdoc.json", "w"))

@@ -10,7 +10,9 @@ mask function is registered under the same name, so padding keeps working.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -123,3 +125,24 @@ def install(model, attn_layer: int | str = -1) -> AttnScoreHook:
         m._sstoken_hook = hook
     base.set_attn_implementation(register(impl))
     return hook
+
+
+def uninstall(model) -> None:
+    """Undo :func:`install`: remove the hooks and give the model back its own kernel."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    for m in _attention_modules(base):
+        if hasattr(m, "_sstoken_hook"):
+            del m._sstoken_hook
+    impl = base.config._attn_implementation or "sdpa"
+    if impl.startswith("sstoken_"):
+        base.set_attn_implementation(impl[len("sstoken_"):])
+
+
+@contextlib.contextmanager
+def installed(model, attn_layer: int | str = -1) -> Iterator[AttnScoreHook]:
+    """``with installed(model, layer) as hook:`` - :func:`install` for the block, then undone."""
+    hook = install(model, attn_layer)
+    try:
+        yield hook
+    finally:
+        uninstall(model)

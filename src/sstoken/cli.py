@@ -1,163 +1,184 @@
-"""``sstoken`` command line: train, score, train-ref, merge, demo, eval, compare, show.
+"""``sstoken`` command line: dispatch only.
 
-``sstoken train`` takes every option of the four config dataclasses (see ``sstoken train
---help``), including all of transformers' ``TrainingArguments``, plus ``--config run.yaml``.
+Each command's options are the dataclasses of :mod:`sstoken.args` (``sstoken <command>
+--help`` lists them); the work is done by :mod:`sstoken.runs`, :mod:`sstoken.evaluation`,
+:mod:`sstoken.report` and :mod:`sstoken.sweep`. A user's mistake (an option, a config file,
+the data) prints one message and exits non-zero without a traceback (codes in
+:mod:`sstoken.errors`); ``--debug`` shows the traceback anyway.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from .embedded import EMBEDDED_DATA, EMBEDDED_MODEL
-
-SUBCOMMANDS = {
-    "train": "fine-tune with token selection (LoRA or full); all Trainer options work",
-    "score": "compute and cache a model's per-token losses over a dataset (history/reference)",
-    "train-ref": "train a reference model on a high-quality subset (for rho1 / tokencleaning)",
-    "merge": "merge a LoRA adapter into its base model and save a plain model",
-    "demo": "fine-tune the embedded SmolLM2-135M on embedded GSM8K with ssToken, then merge",
-    "eval": "evaluate a model or adapter with lm-evaluation-harness (offline preset ships)",
-    "compare": "put several evaluations side by side (table + plot)",
-    "show": "HTML page of which tokens were selected, with plots",
-    "sweep": "run a grid of trainings from one YAML (resumable), evaluate and compare them",
-}
+from .errors import EXIT_DATA, EXIT_USAGE, UsageError
 
 
-def _train(argv: list[str]) -> int:
-    from .config import parse_train_args
-    from .pipeline import log, run_train
+def _train(model, finetune, data, sel, train_args) -> int:
+    from .io import log
+    from .runs import train
 
-    model_args, data_args, sel_args, train_args = parse_train_args(argv)
-    summary = run_train(model_args, data_args, sel_args, train_args)
-    log(f"done in {summary['seconds']}s: {summary['steps']} steps, loss {summary['first_loss']} -> "
-        f"{summary['last_loss']}; outputs in {summary['output_dir']}")
+    s = train(model, finetune, data, sel, train_args)
+    log(f"done in {s['seconds']}s: {s['steps']} steps, loss {s['first_loss']} -> {s['last_loss']}; "
+        f"outputs in {s['output_dir']}")
     return 0
 
 
-def _train_ref(argv: list[str]) -> int:
-    """Train the reference model (method full) on the high-quality subset, then merge it so
-    it loads as a plain model (``--ref_model <output_dir>/merged``)."""
+def _train_ref(model, finetune, data, sel, train_args) -> int:
+    """Train the reference model (method full) on the high-quality subset, then merge it so it
+    loads as a plain model (``--ref_model <output_dir>/merged``)."""
     from pathlib import Path
 
-    from .config import parse_train_args
-    from .pipeline import log, run_merge, run_train
+    from .io import log
+    from .runs import merge, train
 
-    if "-h" in argv or "--help" in argv:
-        print("usage: sstoken train-ref --data HIGH_QUALITY.jsonl [--model M] [--output_dir D] "
-              "[any `sstoken train` option]\n\nTrains with method full on the given subset and "
-              "writes a merged model to D/merged, to pass as --ref_model.")
-        return 0
-    model_args, data_args, sel_args, train_args = parse_train_args(argv + ["--method", "full"])
-    summary = run_train(model_args, data_args, sel_args, train_args)
-    out = Path(summary["output_dir"])
-    if model_args.finetune == "lora":
-        merged = run_merge(model_args.model, str(out), str(out / "merged"))
-    else:
-        merged = str(out)
+    if sel.method != "full":
+        raise UsageError("train-ref trains with --method full (the reference is plain SFT)")
+    out = Path(train(model, finetune, data, sel, train_args)["output_dir"])
+    merged = merge(model, str(out), str(out / "merged")) if finetune.finetune == "lora" else str(out)
     log(f"reference model ready: --ref_model {merged}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sstoken",
-        description="Token selection for supervised fine-tuning: ssToken (ICLR 2026) and the "
-                    "baselines full, random, rho1, tokencleaning. Runs offline on an embedded "
-                    f"model ({EMBEDDED_MODEL}) and dataset ({EMBEDDED_DATA}).",
-        epilog="Run `sstoken <command> --help` for a command's options.")
-    sub = p.add_subparsers(dest="command", metavar="command")
-    for name in ("train", "train-ref"):
-        sub.add_parser(name, help=SUBCOMMANDS[name], add_help=False)
+def _score(model, data, score_args) -> int:
+    from .runs import score
 
-    s = sub.add_parser("score", help=SUBCOMMANDS["score"],
-                       description="Compute per-token losses of --model over --data once and "
-                                   "store them in the cache (keyed by model, data, template and "
-                                   "max length); training finds them there.")
-    s.add_argument("--model", default=EMBEDDED_MODEL, help="model folder or hub name")
-    s.add_argument("--data", default=EMBEDDED_DATA, help="data file, folder or name")
-    s.add_argument("--template", default="tulu", choices=["tulu", "chat"], help="chat template")
-    s.add_argument("--max-seq-length", type=int, default=2048, help="truncate samples to this")
-    s.add_argument("--max-samples", type=int, default=None, help="use only the first N samples")
-    s.add_argument("--skip-invalid", action="store_true", help="skip invalid records")
-    s.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
-    s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    s.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/sstoken)")
-
-    m = sub.add_parser("merge", help=SUBCOMMANDS["merge"],
-                       description="Merge a LoRA adapter into its base and save a full model.")
-    m.add_argument("--base", default=EMBEDDED_MODEL, help="base model the adapter was trained on")
-    m.add_argument("--adapter", required=True, help="adapter folder (a train output_dir)")
-    m.add_argument("--output", required=True, help="folder for the merged model")
-    m.add_argument("--dtype", default="float32", help="dtype of the saved weights")
-
-    d = sub.add_parser("demo", help=SUBCOMMANDS["demo"],
-                       description="A few minutes on CPU: LoRA + ssToken on the embedded model "
-                                   "and data, then a merged model.")
-    d.add_argument("--output-dir", default="outputs/demo", help="where outputs go")
-    d.add_argument("--samples", type=int, default=48, help="training samples")
-    d.add_argument("--max-seq-length", type=int, default=256, help="truncate samples to this")
-    d.add_argument("--method", default="sstoken", help="selection method")
-
-    try:
-        from .evaluate import add_compare_parser, add_eval_parser
-
-        add_eval_parser(sub)
-        add_compare_parser(sub)
-    except ImportError:
-        pass
-    from .sweep import add_sweep_parser
-
-    add_sweep_parser(sub)
-    try:
-        from .report import add_show_parser
-
-        add_show_parser(sub)
-    except ImportError:
-        pass
-    return p
-
-
-def _score(a) -> int:
-    from .config import DataArguments, ModelArguments
-    from .pipeline import run_score
-
-    data = DataArguments(data=a.data, template=a.template, max_seq_length=a.max_seq_length,
-                         skip_invalid=a.skip_invalid, max_samples=a.max_samples)
-    run_score(a.model, data, ModelArguments(model=a.model, dtype=a.dtype), a.cache_dir, a.batch_size)
+    score(model, data, score_args)
     return 0
 
 
-def _merge(a) -> int:
-    from .pipeline import run_merge
+def _merge(model, adapter, merge_args) -> int:
+    from .runs import merge
 
-    run_merge(a.base, a.adapter, a.output, a.dtype)
+    if adapter.adapter is None:
+        raise UsageError("--adapter is required")
+    merge(model, adapter.adapter, merge_args.output)
     return 0
 
 
-def _demo(a) -> int:
+def _demo(data, sel, demo) -> int:
     from .demo import run_demo
 
-    run_demo(a.output_dir, a.samples, a.max_seq_length, a.method)
+    run_demo(data, sel, demo.output_dir)
     return 0
+
+
+def _eval(model, adapter, template, score_args, ev) -> int:
+    from pathlib import Path
+
+    from .evaluation import evaluate, results_table
+    from .io import log
+
+    heldout = None if ev.heldout is None else {
+        "data": ev.heldout, "skip": ev.heldout_skip, "samples": ev.heldout_samples,
+        "template": template.template, "max_seq_length": template.max_seq_length}
+    r = evaluate(model=model.model, adapter=adapter.adapter, preset=ev.preset, tasks=ev.task_list(),
+                 limit=ev.limit_value(), batch_size=score_args.batch_size, device=ev.device,
+                 num_fewshot=ev.num_fewshot, output_dir=ev.output_dir, dtype=model.dtype,
+                 chat_template=ev.apply_chat_template, heldout=heldout)
+    print(results_table([r], [adapter.adapter or model.model]))
+    log(f"wrote {Path(ev.output_dir) / 'eval.json'} and eval.md in {r['seconds']}s")
+    return 0
+
+
+def _compare(c) -> int:
+    from .evaluation import compare
+    from .io import log
+
+    res = compare(c.inputs, c.output_dir, labels=c.labels.split(",") if c.labels else None,
+                  baseline=c.baseline)
+    print(res["markdown"])
+    log(f"wrote {res['table']} and {res['plot']}")
+    return 0
+
+
+def _show(model, adapter, data, sel, s) -> int:
+    from dataclasses import replace
+
+    from .records import read_scores
+    from .report import show
+    from .runs import score_records
+
+    if s.scores:
+        records = read_scores(s.scores)
+    else:                                   # no saved scores: score --model on --data now
+        records = []
+        for m in s.method_list():
+            records += score_records(model, adapter.adapter, data, replace(sel, method=m, scope="auto"),
+                                     max_examples=min(s.max_examples, data.max_samples or s.max_examples))
+    show(records, output=s.output, title=s.title, trainer_state=s.trainer_state,
+         max_examples=s.max_examples)
+    return 0
+
+
+def _sweep(s) -> int:
+    from .sweep import run_sweep
+
+    run_sweep(s.spec, dry_run=s.dry_run, only=s.only, no_eval=s.no_eval)
+    return 0
+
+
+HANDLERS = {"train": _train, "score": _score, "train-ref": _train_ref, "merge": _merge,
+            "demo": _demo, "eval": _eval, "compare": _compare, "show": _show, "sweep": _sweep}
+
+
+def usage() -> str:
+    from .args import COMMANDS
+
+    width = max(map(len, COMMANDS))
+    lines = ["usage: sstoken <command> [options]   (sstoken <command> --help for its options)", "",
+             "Token selection for supervised fine-tuning: ssToken (ICLR 2026) and the baselines "
+             "full, random, rho1, tokencleaning.",
+             f"Runs offline on an embedded model ({EMBEDDED_MODEL}) and dataset ({EMBEDDED_DATA}).",
+             "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (text, _) in COMMANDS.items()]
+    lines += ["", "Every command takes --config FILE.yaml (option names as keys; flags override it) "
+              "and --debug (tracebacks for errors)."]
+    return "\n".join(lines)
+
+
+def _error_types() -> tuple[type, ...]:
+    """Errors that are the user's to fix (data, cache, report input)."""
+    from .cache import CacheError
+    from .data import DataError
+    from .records import ReportError
+
+    return DataError, CacheError, ReportError, FileNotFoundError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .args import COMMANDS, parse
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        return _train(argv[1:])
-    if argv and argv[0] == "train-ref":
-        return _train_ref(argv[1:])
-    p = build_parser()
-    a = p.parse_args(argv)
-    if a.command is None:
-        p.print_help()
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
         return 0
-    handlers = {"score": _score, "merge": _merge, "demo": _demo}
-    fn = handlers.get(a.command) or getattr(a, "func", None)
-    if fn is None:
-        p.error(f"unknown command {a.command}")
-    return int(fn(a) or 0)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"sstoken: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        options = parse(command, rest)
+        return int(HANDLERS[command](*options) or 0)
+    except UsageError as e:
+        if debug:
+            raise
+        problems = "\n".join(f"  {p}" for p in e.problems)
+        print(f"sstoken {command}: error:\n{problems}" if len(e.problems) > 1
+              else f"sstoken {command}: error: {e.problems[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    except _error_types() as e:
+        if debug:
+            raise
+        print(f"sstoken {command}: error: {e}", file=sys.stderr)
+        return EXIT_DATA
+    except KeyboardInterrupt:
+        print(f"sstoken {command}: interrupted; files written so far were left complete",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

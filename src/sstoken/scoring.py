@@ -1,6 +1,6 @@
 """The math of token selection: pure tensor functions, no I/O, no models.
 
-Notation (DESIGN.md section 2): one sample has positions ``0..L-1``; ``labels[i] = -100`` off
+Notation (``docs/design.md``, "The math"): one sample has positions ``0..L-1``; ``labels[i] = -100`` off
 the response set R; the prompt set P is every non-pad position not in R. Per-token losses are
 stored *aligned with the token*: ``loss[:, i] = -log p(x_i | x_<i)`` (the prediction made at
 position ``i-1``), and ``loss[:, 0] = 0``. Every function takes a boolean ``mask`` of R
@@ -27,6 +27,17 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """R, the response set: labels (B, L) -> (B, L) bool, True where ``labels != -100``.
+
+    Position 0 is never in R: nothing predicts the first token. This is the one definition of
+    "which tokens are response tokens"; every loss, score and count uses it.
+    """
+    resp = labels != IGNORE_INDEX
+    resp[..., 0] = False
+    return resp
 
 
 # --------------------------------------------------------------------------- per-token losses
@@ -128,6 +139,16 @@ def response_token_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
 def excess_loss(loss_history: torch.Tensor, loss_current: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Retrospective excess loss, Eq. 3: ``REL = loss_history - loss_current`` on R. (B, L)."""
     return torch.where(mask, loss_history - loss_current, torch.zeros_like(loss_current))
+
+
+def reference_excess_loss(loss_current: torch.Tensor, loss_reference: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+    """RHO-1's excess loss (Lin et al., 2024): ``EL = loss_current - loss_reference`` on R.
+
+    High = the reference model already predicts the token but the current model does not
+    (still to learn). The sign is the opposite of :func:`excess_loss`. (B, L).
+    """
+    return torch.where(mask, loss_current - loss_reference, torch.zeros_like(loss_current))
 
 
 def minmax_normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

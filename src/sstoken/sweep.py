@@ -36,9 +36,15 @@ from typing import Any
 
 import yaml
 
-from .pipeline import log
+from .embedded import EMBEDDED_MODEL
+from .errors import UsageError
+from .io import atomic_write, log
 
 NEEDS_REF = ("rho1", "tokencleaning")
+SPEC_KEYS = ("output_dir", "base", "reference", "grid", "seeds", "eval")
+# sweep-only eval keys; every other eval key is an option of `sstoken eval`
+EVAL_SWEEP_KEYS = ("include_base", "benchmark_seeds", "heldout")
+HELDOUT_KEYS = ("data", "skip_samples", "max_samples")
 
 
 def _fmt(v: Any) -> str:
@@ -56,7 +62,7 @@ def expand(spec: dict) -> list[dict]:
     points = []
     for entry in grid:
         if not isinstance(entry, dict) or "method" not in entry:
-            raise ValueError(f"each grid entry needs a method, got {entry!r}")
+            raise UsageError(f"each grid entry needs a method, got {entry!r}")
         keys = list(entry)
         values = [v if isinstance(v, list) else [v] for v in entry.values()]
         for combo in itertools.product(*values):
@@ -69,7 +75,7 @@ def expand(spec: dict) -> list[dict]:
         for base_name, opts in points:
             name = f"{base_name}-seed{seed}"
             if name in seen:
-                raise ValueError(f"two grid entries give the run name {name}")
+                raise UsageError(f"two grid entries give the run name {name}")
             seen.add(name)
             runs.append({"name": name, "options": {**opts, "seed": seed}})
     return runs
@@ -82,14 +88,72 @@ def _flags(options: dict) -> list[str]:
     return out
 
 
+def _train_options(options: dict) -> tuple:
+    """The train dataclasses of one run, parsed exactly as `sstoken train` flags would be."""
+    from .args import parse
+
+    return parse("train", _flags(options))
+
+
+def check_spec(spec: Any, where: str) -> dict:
+    """Check a sweep spec against the options of `sstoken train` and `sstoken eval`, and every
+    run it expands to; raise one :class:`UsageError` listing every problem (an unknown key is
+    named with where it is)."""
+    from .args import TRAIN, EvalArguments, ScoreArguments, option_names
+
+    if not isinstance(spec, dict):
+        raise UsageError(f"{where}: expected a mapping of {', '.join(SPEC_KEYS)}")
+    problems = [f"{where}: unknown key {k!r} (expected {', '.join(SPEC_KEYS)})"
+                for k in spec if k not in SPEC_KEYS]
+    train_keys = option_names(TRAIN)
+    for section in ("base", "reference"):
+        part = spec.get(section) or {}
+        if not isinstance(part, dict):
+            problems.append(f"{where}: {section} must be a mapping of `sstoken train` options")
+            continue
+        problems += [f"{where}: {section}.{k} is not an option of `sstoken train`"
+                     for k in part if k not in train_keys]
+    for i, entry in enumerate(spec.get("grid") or []):
+        if isinstance(entry, dict):
+            problems += [f"{where}: grid[{i}].{k} is not an option of `sstoken train`"
+                         for k in entry if k not in train_keys]
+    ev = spec.get("eval") or {}
+    if not isinstance(ev, dict):
+        problems.append(f"{where}: eval must be a mapping of `sstoken eval` options")
+        ev = {}
+    eval_keys = option_names((EvalArguments, ScoreArguments)) | set(EVAL_SWEEP_KEYS)
+    problems += [f"{where}: eval.{k} is not an option of `sstoken eval` (or one of "
+                 f"{', '.join(EVAL_SWEEP_KEYS)})" for k in ev if k not in eval_keys]
+    held = ev.get("heldout")
+    if held is not None and (not isinstance(held, dict) or "data" not in held
+                             or set(held) - set(HELDOUT_KEYS)):
+        problems.append(f"{where}: eval.heldout takes {', '.join(HELDOUT_KEYS)} (data required); "
+                        f"got {held!r}")
+    if ev.get("benchmark_seeds") is not None and held is None:
+        problems.append(f"{where}: eval.benchmark_seeds needs eval.heldout (the other seeds get only that)")
+    if problems:
+        raise UsageError(problems)
+    base = dict(spec.get("base") or {})
+    for r in expand(spec):
+        try:
+            _train_options({**base, **r["options"], "ref_model": "x", "output_dir": "x"})
+        except UsageError as e:
+            problems += [f"{where}: run {r['name']}: {p}" for p in e.problems]
+    if problems:
+        raise UsageError(problems)
+    return spec
+
+
 def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = None,
               no_eval: bool = False) -> dict:
-    from .config import parse_train_args
-    from .pipeline import run_score, run_train
+    """Train (and evaluate) every run of the sweep at ``spec_path``; finished runs are skipped."""
+    from .runs import score, train
 
-    spec = yaml.safe_load(Path(spec_path).read_text())
-    if not isinstance(spec, dict):
-        raise ValueError(f"{spec_path}: expected a mapping")
+    try:
+        spec = yaml.safe_load(Path(spec_path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UsageError(f"{spec_path}: not valid YAML ({e})".replace("\n", " ")) from None
+    spec = check_spec(spec, spec_path)
     root = Path(spec.get("output_dir", "outputs/sweep"))
     base = dict(spec.get("base") or {})
     runs = expand(spec)
@@ -107,8 +171,8 @@ def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = No
         ref_dir = _reference(spec, base, root)
     # score the base model once: every sstoken run finds the losses in the cache
     if any(r["options"]["method"] == "sstoken" for r in runs):
-        m, d, s, _ = parse_train_args(_flags({**base, "output_dir": str(root / "score")}))
-        run_score(m.model, d, m, s.cache_dir)
+        m, _, d, _, _ = _train_options({**base, "output_dir": str(root / "score")})
+        score(m, d)
     done = []
     for r in runs:
         out = root / "runs" / r["name"]
@@ -122,34 +186,35 @@ def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = No
             opts["ref_model"] = str(ref_dir)
         if not (out / "sstoken_run.json").exists():
             log(f"{r['name']}: training")
-            run_train(*parse_train_args(_flags(opts)))
+            train(*_train_options(opts))
         if ev:
             bench_seeds = ev.get("benchmark_seeds")
             held_only = bench_seeds is not None and r["options"]["seed"] not in bench_seeds
-            _evaluate(opts["model"], str(out), out, {**ev, "tasks": []} if held_only else ev, base)
+            _evaluate(opts.get("model", EMBEDDED_MODEL), str(out), out,
+                      {**ev, "tasks": []} if held_only else ev, base)
         done.append(out)
     if ev and ev.get("include_base", True):
         b = root / "runs" / "base"
         if not (b / "eval.json").exists():
-            _evaluate(base.get("model", "embedded:smollm2-135m-instruct"), None, b, ev, base)
+            _evaluate(base.get("model", EMBEDDED_MODEL), None, b, ev, base)
         done.insert(0, b)
     result = {"runs": [str(d) for d in done]}
     if ev:
-        from .evaluate import compare
+        from .evaluation import compare
 
         result["compare"] = compare([str(d) for d in done], str(root / "compare"))
         result["ablation"] = _ablation_plots([d for d in done if (d / "sstoken_run.json").exists()],
                                              root / "compare")
     result["report"] = _report([d for d in done if (d / "selection.jsonl").exists()], root,
                                (spec.get("seeds") or [0])[0])
-    (root / "sweep.json").write_text(json.dumps(result, indent=2, default=str))
+    atomic_write(root / "sweep.json", json.dumps(result, indent=2, default=str))
     return result
 
 
 def _ablation_plots(runs: list[Path], out: Path) -> dict[str, str]:
     """sstoken runs' benchmark average and held-out loss against gamma and rho (when the sweep
     varies them); seeds at the same point are averaged, with their stderr as the error bar."""
-    from .evaluate import LOWER_IS_BETTER, PRIMARY, _cells, _load_eval, _with_average
+    from .evaluation import LOWER_IS_BETTER, PRIMARY, cells_of, load_eval, with_average
     from .report import plot_ablation
 
     rows = []
@@ -157,7 +222,7 @@ def _ablation_plots(runs: list[Path], out: Path) -> dict[str, str]:
         s = json.loads((d / "sstoken_run.json").read_text())
         if s["method"] != "sstoken" or not (d / "eval.json").exists():
             continue
-        (cells,), _ = _with_average([_cells(_load_eval(d))])       # benchmarks in %, loss in nats
+        (cells,), _ = with_average([cells_of(load_eval(d))])       # benchmarks in %, loss in nats
         row = {"method": "sstoken", "gamma": s["gamma"], "rho": s["rho"], "average": cells["average"][0]}
         for t in LOWER_IS_BETTER & set(cells):
             row[f"{t} {PRIMARY[t]}"] = cells[t][0]
@@ -191,8 +256,7 @@ def _report(runs: list[Path], root: Path, first_seed: int = 0) -> str | None:
 
 def _reference(spec: dict, base: dict, root: Path) -> Path:
     """Train the reference model once (``train-ref``), merged, under ``<root>/reference``."""
-    from .config import parse_train_args
-    from .pipeline import run_merge, run_train
+    from .runs import merge, train
 
     out = root / "reference"
     merged = out / "merged"
@@ -200,46 +264,32 @@ def _reference(spec: dict, base: dict, root: Path) -> Path:
         return merged
     ref = dict(spec.get("reference") or {})
     if not ref:
-        raise ValueError("rho1/tokencleaning runs need `reference:` (data for train-ref) or a ref_model")
-    opts = {**base, **ref, "method": "full", "output_dir": str(out)}
+        raise UsageError("rho1/tokencleaning runs need `reference:` (data for train-ref) or a ref_model")
     log("training the reference model")
-    run_train(*parse_train_args(_flags(opts)))
-    model = opts.get("model", "embedded:smollm2-135m-instruct")
-    if opts.get("finetune", "lora") == "lora":
-        run_merge(model, str(out), str(merged))
+    model, finetune, *rest = _train_options({**base, **ref, "method": "full", "output_dir": str(out)})
+    train(model, finetune, *rest)
+    if finetune.finetune == "lora":
+        merge(model, str(out), str(merged))
     else:
         merged = out
     return merged
 
 
 def _evaluate(model: str, adapter: str | None, out: Path, ev: dict, base: dict) -> None:
-    from .evaluate import evaluate
+    """Evaluate one run (keys as checked by :func:`check_spec`)."""
+    from .args import TemplateArguments
+    from .evaluation import evaluate
 
     heldout = None
     if ev.get("heldout"):
-        h = dict(ev["heldout"])
-        unknown = set(h) - {"data", "skip_samples", "max_samples"}
-        if unknown or "data" not in h:
-            raise ValueError(f"eval.heldout takes data, skip_samples, max_samples; got {sorted(h)}")
+        h = ev["heldout"]
         heldout = {"data": h["data"], "skip": int(h.get("skip_samples", 0)), "samples": h.get("max_samples"),
-                   "template": base.get("template", "tulu"),
-                   "max_seq_length": int(base.get("max_seq_length", 2048))}
+                   "template": base.get("template", TemplateArguments.template),
+                   "max_seq_length": int(base.get("max_seq_length", TemplateArguments.max_seq_length))}
     out.mkdir(parents=True, exist_ok=True)
-    if ev.get("benchmark_seeds") is not None and not heldout:
-        raise ValueError("eval.benchmark_seeds needs eval.heldout (the other seeds get only that)")
     log(f"evaluating {adapter or model} ({ev.get('preset', 'offline')}, limit {ev.get('limit')}"
         + (", held-out loss only)" if ev.get("tasks") == [] else ")"))
     evaluate(model=model, adapter=adapter, preset=ev.get("preset", "offline"), tasks=ev.get("tasks"),
              limit=ev.get("limit"), batch_size=ev.get("batch_size", 8), device=ev.get("device", "cpu"),
-             num_fewshot=ev.get("num_fewshot"), output_dir=str(out), heldout=heldout)
-
-
-def add_sweep_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="run a grid of trainings from one YAML (resumable), "
-                                     "evaluate and compare them",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("spec", help="sweep YAML")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and their flags only")
-    p.add_argument("--only", nargs="*", default=None, help="run only runs whose name contains one of these")
-    p.add_argument("--no-eval", action="store_true", help="train only (evaluate in a later call)")
-    p.set_defaults(func=lambda a: (run_sweep(a.spec, a.dry_run, a.only, a.no_eval), 0)[1])
+             num_fewshot=ev.get("num_fewshot"), output_dir=str(out), heldout=heldout,
+             chat_template=bool(ev.get("apply_chat_template", False)))

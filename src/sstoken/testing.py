@@ -65,3 +65,12 @@ def tiny_llama(vocab_size: int = 300, layers: int = 2, hidden: int = 32, heads: 
     model = LlamaForCausalLM(cfg).to(dtype)
     model.set_attn_implementation(attn_implementation)
     return model
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a test's torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,127 @@
+"""The ssToken history model (Eq. 3-4): whose losses REL is measured against.
+
+* :class:`BaseHistory` - the model before SFT. With LoRA: the same network with the adapter
+  disabled (no second copy in memory). With full fine-tuning: a frozen copy made at the start.
+  (When the base losses come from the ``sstoken score`` cache, no history forward runs.)
+* :class:`EMAHistory` - Eq. 4, ``his <- a * his + (1 - a) * theta`` after every optimizer
+  step, over the trainable parameters (:class:`TrainableEMA`); saved with every checkpoint.
+
+Each gives ``losses(model, input_ids, attention_mask, resp) -> (B, L)``: a no-grad forward in
+eval mode (dropout off). The trainer calls it *before* the training forward, because the EMA
+swaps weights in place and must not modify weights a training graph has saved for backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from .modeling import adapter_disabled, forward_token_losses, is_peft, unwrap
+
+EMA_FILE = "sstoken_ema.safetensors"
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Dropout off for the block; the previous mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+class TrainableEMA:
+    """EMA of the trainable parameters (Eq. 4: his <- a * his + (1 - a) * theta).
+
+    With LoRA the trainable parameters are the adapter factors A and B, so the history model
+    is ``W0 + s * EMA(B) @ EMA(A)``. This is not ``EMA(B @ A)``: keeping that would need a
+    full-rank delta per adapted matrix (the memory of the whole model), which LoRA exists to
+    avoid; an EMA of the factors costs one adapter copy. At step 0 B = 0, so both start at
+    the base model.
+    """
+
+    def __init__(self, model, alpha: float):
+        self.alpha = alpha
+        self.params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params.items():
+            self.shadow[n].mul_(self.alpha).add_(p.detach(), alpha=1 - self.alpha)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        backup = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(backup[n])
+
+    def save(self, folder: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file({n: t.contiguous() for n, t in self.shadow.items()}, os.path.join(folder, EMA_FILE))
+
+    def load(self, folder: str) -> None:
+        from safetensors.torch import load_file
+
+        path = os.path.join(folder, EMA_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: the checkpoint has no EMA history to resume from")
+        for n, t in load_file(path).items():
+            self.shadow[n].copy_(t)
+
+
+class _EMACallback(TrainerCallback):
+    """Update the EMA after every optimizer step; save it with every checkpoint."""
+
+    def __init__(self, ema: TrainableEMA):
+        self.ema = ema
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ema.update()
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(ckpt):
+            self.ema.save(ckpt)
+
+
+class BaseHistory:
+    """The base model: the adapter disabled (LoRA) or a frozen copy (full fine-tuning)."""
+
+    def __init__(self, model):
+        self.frozen = None if is_peft(model) else \
+            copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def losses(self, model, input_ids, attention_mask, resp, chunk_size: int) -> torch.Tensor:
+        if self.frozen is not None:
+            return forward_token_losses(self.frozen, input_ids, attention_mask, resp, chunk_size)
+        with adapter_disabled(model), eval_mode(unwrap(model)):
+            return forward_token_losses(unwrap(model), input_ids, attention_mask, resp, chunk_size)
+
+
+class EMAHistory:
+    """Eq. 4: the trained weights' EMA, swapped in for a no-grad forward."""
+
+    def __init__(self, model, alpha: float):
+        self.ema = TrainableEMA(model, alpha)
+        self.callback = _EMACallback(self.ema)
+
+    @torch.no_grad()
+    def losses(self, model, input_ids, attention_mask, resp, chunk_size: int) -> torch.Tensor:
+        with self.ema.swapped(), eval_mode(unwrap(model)):
+            return forward_token_losses(unwrap(model), input_ids, attention_mask, resp, chunk_size)

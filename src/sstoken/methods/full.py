@@ -1,0 +1,17 @@
+"""``full``: train on every response token. The plain-SFT baseline."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Method, Selection, Tokens
+
+
+class Full(Method):
+    name = "full"
+
+    def num_kept(self, resp: torch.Tensor, batch: dict) -> int:
+        return int(resp.sum())
+
+    def select(self, t: Tokens) -> Selection:
+        return Selection(keep=t.resp.clone())
