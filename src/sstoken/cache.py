@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data import Example
+from .io import atomic_dir
 
 FORMAT_VERSION = 1
 
@@ -99,9 +97,7 @@ def write(root: Path, key: str, meta: dict, examples: list[Example],
           losses: list[torch.Tensor]) -> Path:
     """Write one cache entry atomically; ``losses[k]`` is example k's (L_k,) float32 tensor."""
     out = entry_dir(root, key)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         flat = torch.cat([l.float().cpu() for l in losses]) if losses else torch.zeros(0)
         offsets = torch.tensor([0] + [len(l) for l in losses], dtype=torch.int64).cumsum(0)
         save_file({"losses": flat.contiguous(), "offsets": offsets}, str(tmp / "losses.safetensors"))
@@ -110,12 +106,6 @@ def write(root: Path, key: str, meta: dict, examples: list[Example],
         meta = {**meta, "format": FORMAT_VERSION, "key": key, "examples": len(examples),
                 "tokens": int(flat.numel()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

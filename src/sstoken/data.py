@@ -28,7 +28,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from .scoring import IGNORE_INDEX
+
 ROLES = ("system", "user", "assistant")
 TEMPLATES = ("tulu", "chat")
 
@@ -262,7 +263,7 @@ def tokenize_messages(messages: list[dict[str, str]], tokenizer, template: str =
     return input_ids, labels
 
 
-def build_examples(records: Iterable[tuple[str, Any]], tokenizer, template: str = "tulu",
+def build_examples(records: Iterable[tuple[str, Any]], tokenizer, *, template: str = "tulu",
                    max_seq_length: int = 2048, skip_invalid: bool = False,
                    limit: int | None = None) -> tuple[list[Example], LoadStats]:
     """Records -> tokenized, labelled, truncated examples, with counts of what was dropped."""
@@ -304,7 +305,7 @@ def build_examples(records: Iterable[tuple[str, Any]], tokenizer, template: str 
     return examples, stats
 
 
-def load_examples(source: str, tokenizer, template: str = "tulu", max_seq_length: int = 2048,
+def load_examples(source: str, tokenizer, *, template: str = "tulu", max_seq_length: int = 2048,
                   skip_invalid: bool = False, limit: int | None = None, split: str = "train",
                   skip: int = 0) -> tuple[list[Example], LoadStats]:
     """Read ``source`` (file, folder, dataset name or ``embedded:gsm8k``) into examples,
@@ -319,7 +320,8 @@ def load_examples(source: str, tokenizer, template: str = "tulu", max_seq_length
         import itertools
 
         records = itertools.islice(records, skip, None)
-    return build_examples(records, tokenizer, template, max_seq_length, skip_invalid, limit)
+    return build_examples(records, tokenizer, template=template, max_seq_length=max_seq_length,
+                          skip_invalid=skip_invalid, limit=limit)
 
 
 # --------------------------------------------------------------------------- batching

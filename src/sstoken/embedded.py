@@ -13,10 +13,10 @@ import gzip
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .io import atomic_dir, log
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_DATA = "embedded:gsm8k"
@@ -54,7 +54,7 @@ def embedded_model_dir(progress: bool = True) -> Path:
 
     src = gguf_path()
     if progress:
-        print(f"[sstoken] converting {src.name} to a Hugging Face folder in {out} (once)")
+        log(f"converting {src.name} to a Hugging Face folder in {out} (once)")
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
                                                  dtype=torch.float32)
@@ -65,17 +65,9 @@ def embedded_model_dir(progress: bool = True) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -22,7 +22,7 @@ from .scoring import response_mask
 
 
 @torch.no_grad()
-def compute_losses(model, examples: list[Example], pad_token_id: int, batch_size: int = 8,
+def compute_losses(model, examples: list[Example], pad_token_id: int, *, batch_size: int = 8,
                    chunk_size: int = 1024, desc: str = "scoring") -> list[torch.Tensor]:
     """Per-token losses ``(L_k,)`` of every example under ``model`` (no grad, eval mode).
 
@@ -91,8 +91,8 @@ class LossProvider:
             model = load_model(model_name, m.dtype, m.attn_implementation).to(device)
             tok = load_tokenizer(model_name)
             t0 = time.time()
-            losses = compute_losses(model, examples, tok.pad_token_id, self.batch_size,
-                                    m.loss_chunk_size, desc=f"scoring {Path(resolve_model(model_name)).name}")
+            losses = compute_losses(model, examples, tok.pad_token_id, batch_size=self.batch_size,
+                                    chunk_size=m.loss_chunk_size, desc=f"scoring {Path(resolve_model(model_name)).name}")
             meta = {"model": model_name, "model_fingerprint": fp, "data": self.data_args.data,
                     "template": self.data_args.template,
                     "max_seq_length": self.data_args.max_seq_length,

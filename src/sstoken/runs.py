@@ -32,9 +32,10 @@ def default_device() -> torch.device:
 def load_data(data_args: DataArguments, tok, limit: int | None = None):
     """Examples and their load statistics, or a DataError naming the file and line."""
     d = data_args
-    examples, stats = load_examples(d.data, tok, d.template, d.max_seq_length, d.skip_invalid,
-                                    d.max_samples if limit is None else limit, d.split,
-                                    d.skip_samples)
+    examples, stats = load_examples(d.data, tok, template=d.template, max_seq_length=d.max_seq_length,
+                                    skip_invalid=d.skip_invalid,
+                                    limit=d.max_samples if limit is None else limit, split=d.split,
+                                    skip=d.skip_samples)
     log(f"data: {stats.summary()}")
     if not examples:
         from .data import DataError
@@ -72,7 +73,7 @@ def build_model(model_args: ModelArguments, finetune_args: FinetuneArguments, se
     return model
 
 
-def _train_once(model, tok, examples, model_args, sel_args, train_args, out_dir: Path):
+def train_once(model, tok, examples, model_args, sel_args, train_args, out_dir: Path):
     from .trainer import SelectionTrainer
 
     args = replace(train_args, output_dir=str(out_dir))
@@ -100,7 +101,7 @@ def train(model_args: ModelArguments, finetune_args: FinetuneArguments, data_arg
         return train_self_evolving(model_args, finetune_args, data_args, sel_args, train_args,
                                    tok, examples, t0)
     model = build_model(model_args, finetune_args, train_args.seed)
-    trainer = _train_once(model, tok, examples, model_args, sel_args, train_args, out_dir)
+    trainer = train_once(model, tok, examples, model_args, sel_args, train_args, out_dir)
     return _finish(trainer, model_args, finetune_args, data_args, sel_args, stats, out_dir, t0, facts)
 
 
@@ -145,8 +146,9 @@ def train_self_evolving(model_args, finetune_args, data_args, sel_args, train_ar
             for e in part:
                 e.extra.pop("base_loss", None)
         else:
-            prev = compute_losses(model, part, tok.pad_token_id, train_args.per_device_train_batch_size,
-                                  model_args.loss_chunk_size, desc=f"round {t}: scoring with model {t - 1}")
+            prev = compute_losses(model, part, tok.pad_token_id,
+                                  batch_size=train_args.per_device_train_batch_size,
+                                  chunk_size=model_args.loss_chunk_size, desc=f"round {t}: scoring with model {t - 1}")
             for e, l in zip(part, prev):
                 e.extra["ref_loss"] = l.tolist()
             pool_keep(part, sel_args.rho, "pool")
@@ -158,7 +160,7 @@ def train_self_evolving(model_args, finetune_args, data_args, sel_args, train_ar
                        "kept_tokens": n_keep})
         log(f"round {t}/{K - 1}: {len(part)} examples, method {round_sel.method}, "
             f"keeping {n_keep}/{n_resp} tokens")
-        trainer = _train_once(model, tok, part, model_args, round_sel, train_args, out_dir / f"round{t}")
+        trainer = train_once(model, tok, part, model_args, round_sel, train_args, out_dir / f"round{t}")
     stats = LoadStats(examples=len(examples), records=len(examples),
                       tokens=sum(len(e.input_ids) for e in examples),
                       response_tokens=sum(e.num_response_tokens for e in examples))

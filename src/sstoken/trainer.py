@@ -65,10 +65,21 @@ class SelectionStats:
             s["attn_driven"] += float(rec["by_attention"].sum())
             s["attn_driven_n"] += 1
 
+    KEYS = ("n", "kept", "resp", "rel_sum", "rel_tokens", "attn_sum", "attn_tokens", "corr_sum",
+            "corr_n", "attn_driven", "attn_driven_n")
+
+    def reduce(self, accelerator) -> None:
+        """Sum the statistics over every process (each rank saw its own micro-batches)."""
+        t = torch.tensor([self.s[k] for k in self.KEYS], dtype=torch.float64,
+                         device=accelerator.device)
+        t = accelerator.reduce(t, reduction="sum")
+        self.s = defaultdict(float, zip(self.KEYS, t.tolist()))
+
     def pop(self) -> dict[str, float]:
-        """The statistics since the last call, then reset."""
+        """The statistics since the last call (over every process once reduced), then reset."""
         s, out = self.s, {}
         if not s["n"]:
+            self.s = defaultdict(float)
             return out
         out["sel/kept_frac"] = s["kept"] / max(s["resp"], 1)
         if s["rel_tokens"]:
@@ -204,7 +215,9 @@ class SelectionTrainer(Trainer):
         self._save_records(t, sel)
 
     def log(self, logs, *args, **kwargs):
-        if "loss" in logs:
+        if "loss" in logs:                      # a training log: every rank calls this
+            if self.args.world_size > 1:
+                self.stats.reduce(self.accelerator)
             logs.update(self.stats.pop())
         return super().log(logs, *args, **kwargs)
 

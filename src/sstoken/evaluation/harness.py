@@ -35,7 +35,7 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _mean_of_subtasks(results: dict, tag: str) -> dict:
+def mean_of_subtasks(results: dict, tag: str) -> dict:
     """A tag without an aggregate (e.g. ``tydiqa_goldp``): the unweighted mean of its subtasks,
     stderr combined as sqrt(sum se^2) / n (independent subtasks)."""
     subs = [v for k, v in results.items() if k.startswith(tag + "_")]
@@ -73,7 +73,7 @@ def metrics_of(task_result: dict) -> dict[str, float | None]:
     return out
 
 
-def _task_names(preset: str, tasks: list[str] | None, folder: Path) -> tuple[dict[str, str], Any]:
+def task_names(preset: str, tasks: list[str] | None, folder: Path) -> tuple[dict[str, str], Any]:
     """``({short: lm-eval name}, TaskManager)`` for a preset."""
     from lm_eval.tasks import TaskManager
 
@@ -144,7 +144,7 @@ def evaluate(*, model: str, adapter: str | None = None, preset: str = "offline",
 
         from ..modeling import load_model_with_adapter, load_tokenizer
 
-        names, manager = _task_names(preset, tasks, out / "tasks") if tasks != [] else ({}, None)
+        names, manager = task_names(preset, tasks, out / "tasks") if tasks != [] else ({}, None)
         log(f"loading {model}" + (f" + adapter {adapter}" if adapter else ""))
         m = load_model_with_adapter(model, adapter, dtype).to(device).eval()
         has_tok = adapter and (Path(adapter) / "tokenizer_config.json").exists()
@@ -169,7 +169,7 @@ def evaluate(*, model: str, adapter: str | None = None, preset: str = "offline",
                 raise err(f"{e}\n{_PAPER_HINT}") from e
             raw.update(r["results"])
             n_samples.update(r.get("n-samples", {}))
-    results = {short: metrics_of(raw.get(name) or _mean_of_subtasks(raw, name))
+    results = {short: metrics_of(raw.get(name) or mean_of_subtasks(raw, name))
                for short, name in names.items()}
     held = None
     if heldout:

