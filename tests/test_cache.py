@@ -35,7 +35,7 @@ def test_stale_or_foreign_cache_is_an_error(tmp_path, tok, records):
     c = cache.read(cache.write(tmp_path, "k", {}, ex, [torch.zeros(len(e.input_ids)) for e in ex]))
     changed = examples(tok, records)
     changed[1].input_ids = changed[1].input_ids[:-1]
-    with pytest.raises(cache.CacheError, match="tokenized differently"):
+    with pytest.raises(cache.CacheError, match=r"example .ex1. differs .*\(now \d+ tokens, cached \d+\).*text"):
         c.attach(changed, "x")
     other = examples(tok, records, n=3)
     other[0].id = "not-there"
@@ -74,3 +74,18 @@ def test_score_pass_matches_unbatched_losses_and_is_reused(tmp_path, tiny_dir, t
     ex3, _ = build_examples(((str(k), r) for k, r in enumerate(records(7))), tok, max_seq_length=9)
     d9 = DataArguments(data=str(data), max_seq_length=9, cache_dir=str(tmp_path / "c"))
     assert not LossProvider(m, d9).attach(tiny_dir, ex3, "history_loss", compute=False)
+
+
+def test_key_covers_dtype_and_kernel_and_mismatch_names_every_field(tmp_path, tok, records):
+    ex = examples(tok, records)
+    keys = {cache.cache_key("m", ex, "tulu", 64, d, a) for d in ("float32", "bfloat16")
+            for a in ("sdpa", "eager")}
+    assert len(keys) == 4                           # losses in another dtype are never reused
+    c = cache.read(cache.write(tmp_path, "k", {"model_fingerprint": "m", "template": "tulu",
+                                               "max_seq_length": 64, "dtype": "bfloat16"},
+                               ex, [torch.zeros(len(e.input_ids)) for e in ex]))
+    with pytest.raises(cache.CacheError) as e:
+        cache.check_meta(c, "m", "chat", 128, "float32")
+    msg = str(e.value)
+    assert "template='tulu' (this run: 'chat')" in msg and "max_seq_length=64" in msg and "dtype='bfloat16'" in msg
+    assert "model" not in msg.split(":", 1)[1].split("written for")[1]           # the model matches

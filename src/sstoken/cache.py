@@ -63,8 +63,12 @@ def data_fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(model_fp: str, examples: list[Example], template: str, max_seq_length: int) -> str:
-    blob = f"{FORMAT_VERSION}|{model_fp}|{data_fingerprint(examples)}|{template}|{max_seq_length}"
+def cache_key(model_fp: str, examples: list[Example], template: str, max_seq_length: int,
+              dtype: str = "float32", attn_implementation: str = "sdpa") -> str:
+    """The entry's name: everything that changes the stored losses (the model's weights, the
+    tokenized data, the template, the max length, the dtype and the attention kernel)."""
+    blob = (f"{FORMAT_VERSION}|{model_fp}|{data_fingerprint(examples)}|{template}|{max_seq_length}"
+            f"|{dtype}|{attn_implementation}")
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -83,9 +87,13 @@ class LossCache:
                 raise CacheError(f"{self.path}: example {ex.id!r} is not in this cache "
                                  "(different data?); run `sstoken score` again")
             if self.hashes[ex.id] != tokens_hash(ex.input_ids):
-                raise CacheError(f"{self.path}: example {ex.id!r} was tokenized differently "
-                                 "when the cache was written (stale cache: other template, "
-                                 "tokenizer or max length); run `sstoken score` again")
+                n_now, n_cached = len(ex.input_ids), len(self.losses[ex.id])
+                size = f"now {n_now} tokens, cached {n_cached}" if n_now != n_cached else \
+                    f"the same length ({n_now} tokens), other tokens"
+                raise CacheError(f"{self.path}: example {ex.id!r} differs from when the cache was "
+                                 f"written ({size}): the cache's model, template and max length "
+                                 "match, so the record's text (or the tokenizer) changed since "
+                                 "`sstoken score`; run it again")
             ex.extra[field] = self.losses[ex.id]
 
 
@@ -132,12 +140,18 @@ def find(root: Path, key: str) -> LossCache | None:
     return read(d) if (d / "meta.json").exists() else None
 
 
-def check_meta(cache: LossCache, model_fp: str, template: str, max_seq_length: int) -> None:
-    """A cache given explicitly must belong to this model, template and max length."""
+def check_meta(cache: LossCache, model_fp: str, template: str, max_seq_length: int,
+               dtype: str | None = None) -> None:
+    """A cache given explicitly must belong to this model, template, max length and dtype;
+    the error names every field that differs."""
     m = cache.meta
-    for what, have, want in (("model", m.get("model_fingerprint"), model_fp),
-                             ("template", m.get("template"), template),
-                             ("max_seq_length", m.get("max_seq_length"), max_seq_length)):
-        if have != want:
-            raise CacheError(f"{cache.path}: cache was written for {what}={have!r}, this run "
-                             f"uses {want!r}")
+    wanted = [("model", m.get("model_fingerprint"), model_fp, "model_fingerprint"),
+              ("template", m.get("template"), template, "template"),
+              ("max_seq_length", m.get("max_seq_length"), max_seq_length, "max_seq_length")]
+    if dtype is not None and "dtype" in m:
+        wanted.append(("dtype", m.get("dtype"), dtype, "dtype"))
+    diff = [f"{what}={have!r} (this run: {want!r})" for what, have, want, _ in wanted if have != want]
+    if diff:
+        model = f" of {m['model']}" if "model" in m and m.get("model_fingerprint") != model_fp else ""
+        raise CacheError(f"{cache.path}: the cache{model} was written for {', '.join(diff)}; "
+                         "run `sstoken score` with this run's options")

@@ -18,24 +18,19 @@ per-token values can be matched to an example even if the file is reordered.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from .errors import DataError
 from .scoring import IGNORE_INDEX
+from .sources import BadRecord, Where, read_records, where_text
 
 ROLES = ("system", "user", "assistant")
 TEMPLATES = ("tulu", "chat")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the line or record, and the problem."""
 
 
 @dataclass
@@ -62,7 +57,11 @@ class LoadStats:
     examples: int = 0
     tokens: int = 0
     response_tokens: int = 0
-    invalid_reasons: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)   # {"file", "line" or "record", "reason"}
+
+    @property
+    def invalid_reasons(self) -> list[str]:
+        return [f"{where_text(s)}: {s['reason']}" for s in self.skipped]
 
     def summary(self) -> str:
         s = (f"{self.examples} examples from {self.records} records "
@@ -73,72 +72,6 @@ class LoadStats:
 
 
 # --------------------------------------------------------------------------- reading files
-
-def read_records(source: str | os.PathLike, split: str = "train") -> Iterable[tuple[str, Any]]:
-    """Yield ``(where, record)`` pairs; ``where`` names file and line/record for errors.
-
-    ``source`` is a ``.json`` / ``.jsonl`` (optionally ``.gz``) file, a ``datasets.save_to_disk``
-    folder, or a dataset name for ``datasets.load_dataset``. JSON/JSONL parse errors and
-    non-UTF-8 bytes raise :class:`DataError` at once (a file that cannot be parsed has no
-    records to skip), naming file and line.
-    """
-    path = Path(source)
-    if path.is_dir():
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except FileNotFoundError as e:
-            raise DataError(f"{path}: not a datasets.save_to_disk folder ({e})") from e
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(f"{path}: no split {split!r} (has {sorted(ds)})")
-            ds = ds[split]
-        for i, rec in enumerate(ds):
-            yield f"{path}[{i}]", rec
-        return
-    if not path.exists():
-        if path.suffix in (".json", ".jsonl", ".gz") or os.sep in str(source):
-            raise DataError(f"{path}: no such file")
-        import datasets  # a hub dataset name
-
-        ds = datasets.load_dataset(str(source), split=split)
-        for i, rec in enumerate(ds):
-            yield f"{source}[{i}]", rec
-        return
-    opener = gzip.open if path.suffix == ".gz" else open
-    stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
-    with opener(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-    if stem_suffix == ".jsonl" or (stem_suffix != ".json" and not text.lstrip().startswith("[")):
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
-            yield f"{path}:{lineno}", rec
-        return
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
-    if isinstance(obj, dict):
-        lists = [v for v in obj.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(f"{path}: expected a JSON list of records (or an object holding one list)")
-        obj = lists[0]
-    if not isinstance(obj, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(obj).__name__}")
-    for i, rec in enumerate(obj):
-        yield f"{path}[record {i}]", rec
-
 
 def to_messages(rec: Any, where: str) -> list[dict[str, str]]:
     """Normalize one record to a list of ``{"role", "content"}`` messages, or raise DataError."""
@@ -277,12 +210,16 @@ def build_examples(records: Iterable[tuple[str, Any]], tokenizer, *, template: s
             break
         stats.records += 1
         try:
+            if isinstance(rec, BadRecord):
+                raise DataError(f"{where}: {rec.reason}")
             messages = to_messages(rec, where)
         except DataError as e:
             if not skip_invalid:
                 raise
             stats.invalid += 1
-            stats.invalid_reasons.append(str(e))
+            w = where if isinstance(where, Where) else Where(where)
+            stats.skipped.append({"file": w.file, "line": w.line, "record": w.record,
+                                  "reason": str(e).removeprefix(f"{where}: ")})
             continue
         input_ids, labels = tokenize_messages(messages, tokenizer, template)
         if len(input_ids) > max_seq_length:

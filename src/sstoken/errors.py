@@ -19,3 +19,9 @@ class UsageError(ValueError):
 
     def __str__(self) -> str:
         return "\n".join(self.problems)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line or record, and the problem."""
+
+    exit_code = EXIT_DATA

@@ -4,7 +4,8 @@
   disabled (no second copy in memory). With full fine-tuning: a frozen copy made at the start.
   (When the base losses come from the ``sstoken score`` cache, no history forward runs.)
 * :class:`EMAHistory` - Eq. 4, ``his <- a * his + (1 - a) * theta`` after every optimizer
-  step, over the trainable parameters (:class:`TrainableEMA`); saved with every checkpoint.
+  step, over the trainable parameters (:class:`TrainableEMA`); saved with every checkpoint
+  (``sstoken_ema.safetensors``) and restored on resume.
 
 Each gives ``losses(model, input_ids, attention_mask, resp) -> (B, L)``: a no-grad forward in
 eval mode (dropout off). The trainer calls it *before* the training forward, because the EMA
@@ -85,18 +86,14 @@ class TrainableEMA:
 
 
 class _EMACallback(TrainerCallback):
-    """Update the EMA after every optimizer step; save it with every checkpoint."""
+    """Update the EMA after every optimizer step. (The trainer saves it with each checkpoint,
+    before the checkpoint's ``trainer_state.json``: see ``SelectionTrainer.save_extra_state``.)"""
 
     def __init__(self, ema: TrainableEMA):
         self.ema = ema
 
     def on_step_end(self, args, state, control, **kwargs):
         self.ema.update()
-
-    def on_save(self, args, state, control, **kwargs):
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(ckpt):
-            self.ema.save(ckpt)
 
 
 class BaseHistory:

@@ -70,7 +70,15 @@ class LossProvider:
 
         fp = cache_mod.model_fingerprint(resolve_model(model_name))
         return fp, cache_mod.cache_key(fp, examples, self.data_args.template,
-                                       self.data_args.max_seq_length)
+                                       self.data_args.max_seq_length, self.dtype,
+                                       self.model_args.attn_implementation)
+
+    @property
+    def dtype(self) -> str:
+        """The dtype losses are computed in (``auto`` resolved on this machine)."""
+        from .modeling import pick_dtype
+
+        return str(pick_dtype(self.model_args.dtype)).removeprefix("torch.")
 
     def attach(self, model_name: str, examples: list[Example], field: str,
                compute: bool = True) -> Path | None:
@@ -95,7 +103,8 @@ class LossProvider:
                                     chunk_size=m.loss_chunk_size, desc=f"scoring {Path(resolve_model(model_name)).name}")
             meta = {"model": model_name, "model_fingerprint": fp, "data": self.data_args.data,
                     "template": self.data_args.template,
-                    "max_seq_length": self.data_args.max_seq_length,
+                    "max_seq_length": self.data_args.max_seq_length, "dtype": self.dtype,
+                    "attn_implementation": m.attn_implementation,
                     "seconds": round(time.time() - t0, 1)}
             cache_mod.write(self.root, key, meta, examples, losses)
             found = cache_mod.find(self.root, key)
@@ -112,6 +121,6 @@ class LossProvider:
 
         c = cache_mod.read(Path(folder))
         cache_mod.check_meta(c, cache_mod.model_fingerprint(resolve_model(self.model)),
-                             self.data_args.template, self.data_args.max_seq_length)
+                             self.data_args.template, self.data_args.max_seq_length, self.dtype)
         c.attach(examples, field)
         return c.path

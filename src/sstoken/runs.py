@@ -37,11 +37,25 @@ def load_data(data_args: DataArguments, tok, limit: int | None = None):
                                     limit=d.max_samples if limit is None else limit, split=d.split,
                                     skip=d.skip_samples)
     log(f"data: {stats.summary()}")
+    for r in stats.invalid_reasons[:3]:
+        log(f"  skipped {r}")
+    if len(stats.skipped) > 3:
+        log(f"  ... and {len(stats.skipped) - 3} more (all in skipped.jsonl of the output folder)")
     if not examples:
-        from .data import DataError
+        from .errors import DataError
 
-        raise DataError(f"{d.data}: no usable examples ({stats.summary()})")
+        first = f"; first skipped: {stats.invalid_reasons[0]}" if stats.skipped else ""
+        raise DataError(f"{d.data}: no usable examples ({stats.summary()}){first}")
     return examples, stats
+
+
+def write_skipped(stats, out_dir: Path) -> Path | None:
+    """``skipped.jsonl``: one line per record ``--skip_invalid`` skipped (file, line, reason)."""
+    if not stats.skipped or not is_main_process():
+        return None
+    lines = "".join(json.dumps({k: v for k, v in s.items() if v is not None}) + "\n"
+                    for s in stats.skipped)
+    return atomic_write(Path(out_dir) / "skipped.jsonl", lines)
 
 
 # --------------------------------------------------------------------------- scoring pass
@@ -85,24 +99,115 @@ def train_once(model, tok, examples, model_args, sel_args, train_args, out_dir: 
     return trainer
 
 
+RUN_FILES = ("sstoken_run.json", "selection.jsonl", "trainer_state.json", "adapter_model.safetensors",
+             "model.safetensors", "skipped.jsonl")
+
+
+def check_output_dir(train_args: TrainArguments, sel_args: SelectionArguments) -> str | None:
+    """Before any work: the output folder can be written, does not hold an earlier run unless
+    resuming or ``--overwrite_output_dir``, and the checkpoint to resume from exists and is
+    complete. Returns the checkpoint folder to resume from, or None."""
+    from .errors import UsageError
+    from .trainer import STATE_FILE, last_complete_checkpoint
+
+    out = Path(train_args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file, not a folder")
+    resume = train_args.resume_from_checkpoint
+    if resume is not None and str(resume).lower() in ("false", "no", "none", ""):
+        resume = None
+    if resume is not None and getattr(get_method(sel_args), "self_evolving", False):
+        raise UsageError("--resume_from_checkpoint is not supported with --tc_mode self_evolving "
+                         "(its rounds retrain from the partitions); run it again from the start")
+    if resume is not None and str(resume).lower() in ("true", "auto", "last", "yes"):
+        found = last_complete_checkpoint(str(out))
+        if found is None:
+            raise UsageError(f"--resume_from_checkpoint {resume}: {out} has no complete checkpoint "
+                             "(checkpoint-N with trainer_state.json and sstoken_state.json)")
+        return found
+    if resume is not None:
+        p = Path(resume)
+        if not (p / "trainer_state.json").exists() or not (p / STATE_FILE).exists():
+            raise UsageError(f"--resume_from_checkpoint {resume}: not a complete sstoken checkpoint "
+                             "(needs trainer_state.json and sstoken_state.json)")
+        return str(p)
+    earlier = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-") or p.name in RUN_FILES] \
+        if out.is_dir() else []
+    if earlier and not train_args.overwrite_output_dir:
+        raise UsageError(f"--output_dir {out} holds an earlier run ({', '.join(sorted(earlier)[:4])}"
+                         f"{' ...' if len(earlier) > 4 else ''}): continue it with "
+                         "--resume_from_checkpoint true, replace it with --overwrite_output_dir "
+                         "true, or choose another folder")
+    return None
+
+
+def _clear_earlier_run(out: Path) -> None:
+    """``--overwrite_output_dir``: remove an earlier run's checkpoints and outputs."""
+    import shutil
+
+    for p in list(out.iterdir()) if out.is_dir() else []:
+        if p.is_dir() and (p.name.startswith("checkpoint-") or p.name.startswith("round")):
+            shutil.rmtree(p)
+        elif p.name in RUN_FILES or p.name in ("adapter_config.json", "config.json"):
+            p.unlink()
+
+
+def check_model(model_args: ModelArguments, sel_args: SelectionArguments) -> None:
+    """Checks that need the model's config but not its weights: a local model folder exists,
+    and ``--attn_layer`` is within its layers."""
+    from transformers import AutoConfig
+
+    from .attention import resolve_layer
+    from .embedded import resolve_model
+    from .errors import UsageError
+
+    name = model_args.model
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if looks_local and not (Path(name).expanduser() / "config.json").exists():
+        raise UsageError(f"--model {name}: not a model folder (no config.json there)")
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {name}: cannot read its config ({str(e).splitlines()[0]})") from None
+    if sel_args.method == "sstoken" and (sel_args.gamma < 1 or sel_args.rel_warmup > 0):
+        try:
+            resolve_layer(sel_args.attn_layer, config.num_hidden_layers)
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None
+
+
 def train(model_args: ModelArguments, finetune_args: FinetuneArguments, data_args: DataArguments,
           sel_args: SelectionArguments, train_args: TrainArguments) -> dict:
-    """``sstoken train``: load data, let the method prepare what it needs, train, save."""
+    """``sstoken train``: check the output folder and the model's config, load data, let the
+    method prepare what it needs, train, save. A run that fails leaves no empty folder behind."""
     t0 = time.time()
     out_dir = Path(train_args.output_dir)
-    tok = load_tokenizer(model_args.model)
-    examples, stats = load_data(data_args, tok)
-    method = get_method(sel_args)
-    losses = LossProvider(model_args, data_args, train_args.per_device_eval_batch_size)
-    facts = method.prepare(examples, losses)
-    for k, v in facts.items():
-        log(f"{k.replace('_', ' ')}: {v}")
-    if getattr(method, "self_evolving", False):
-        return train_self_evolving(model_args, finetune_args, data_args, sel_args, train_args,
-                                   tok, examples, t0)
-    model = build_model(model_args, finetune_args, train_args.seed)
-    trainer = train_once(model, tok, examples, model_args, sel_args, train_args, out_dir)
-    return _finish(trainer, model_args, finetune_args, data_args, sel_args, stats, out_dir, t0, facts)
+    resume = check_output_dir(train_args, sel_args)
+    check_model(model_args, sel_args)
+    created = not out_dir.exists()
+    try:
+        tok = load_tokenizer(model_args.model)
+        examples, stats = load_data(data_args, tok)
+        method = get_method(sel_args)
+        losses = LossProvider(model_args, data_args, train_args.per_device_eval_batch_size)
+        facts = method.prepare(examples, losses)
+        for k, v in facts.items():
+            log(f"{k.replace('_', ' ')}: {v}")
+        if resume is None and train_args.overwrite_output_dir:
+            _clear_earlier_run(out_dir)
+        facts["skipped"] = str(write_skipped(stats, out_dir)) if stats.skipped else None
+        if getattr(method, "self_evolving", False):
+            return train_self_evolving(model_args, finetune_args, data_args, sel_args, train_args,
+                                       tok, examples, t0)
+        model = build_model(model_args, finetune_args, train_args.seed)
+        trainer = train_once(model, tok, examples, model_args, sel_args,
+                             replace(train_args, resume_from_checkpoint=resume), out_dir)
+        return _finish(trainer, model_args, finetune_args, data_args, sel_args, stats, out_dir,
+                       t0, facts)
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
 
 def _finish(trainer, model_args, finetune_args, data_args, sel_args, stats, out_dir, t0, extra):
@@ -114,7 +219,8 @@ def _finish(trainer, model_args, finetune_args, data_args, sel_args, stats, out_
     summary = {
         "method": sel_args.method, "rho": sel_args.rho, "gamma": sel_args.gamma,
         "examples": stats.examples, "tokens": stats.tokens, "response_tokens": stats.response_tokens,
-        "steps": trainer.state.global_step, "seconds": round(time.time() - t0, 1),
+        "steps": trainer.state.global_step,
+        "seconds": round(time.time() - t0 + trainer.seconds_before, 1),     # including before a resume
         "first_loss": hist[0]["loss"] if hist else None, "last_loss": hist[-1]["loss"] if hist else None,
         "kept_frac": [h.get("sel/kept_frac") for h in hist],
         "output_dir": str(out_dir), "scores": scores, **extra,

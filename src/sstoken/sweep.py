@@ -186,7 +186,7 @@ def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = No
             opts["ref_model"] = str(ref_dir)
         if not (out / "sstoken_run.json").exists():
             log(f"{r['name']}: training")
-            train(*_train_options(opts))
+            train(*_train_options({**opts, "overwrite_output_dir": True}))   # an unfinished try
         if ev:
             bench_seeds = ev.get("benchmark_seeds")
             held_only = bench_seeds is not None and r["options"]["seed"] not in bench_seeds
@@ -266,7 +266,8 @@ def _reference(spec: dict, base: dict, root: Path) -> Path:
     if not ref:
         raise UsageError("rho1/tokencleaning runs need `reference:` (data for train-ref) or a ref_model")
     log("training the reference model")
-    model, finetune, *rest = _train_options({**base, **ref, "method": "full", "output_dir": str(out)})
+    model, finetune, *rest = _train_options({**base, **ref, "method": "full", "output_dir": str(out),
+                                             "overwrite_output_dir": True})
     train(model, finetune, *rest)
     if finetune.finetune == "lora":
         merge(model, str(out), str(merged))

@@ -24,7 +24,11 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from transformers import Trainer
@@ -34,8 +38,27 @@ from .args import SelectionArguments
 from .history import BaseHistory, EMAHistory, eval_mode
 from .methods import Selection, Tokens, get_method
 from .modeling import forward_token_losses, unwrap
+from .io import atomic_write
 from .records import write_scores
 from .scoring import pearson, response_mask, selected_loss
+
+
+STATE_FILE = "sstoken_state.json"
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` of ``output_dir`` whose files were all written (it has its
+    ``trainer_state.json``, written last, and sstoken's state), or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    done = []
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith("checkpoint-") and name[11:].isdigit() and \
+                os.path.exists(os.path.join(path, "trainer_state.json")) and \
+                os.path.exists(os.path.join(path, STATE_FILE)):
+            done.append((int(name[11:]), path))
+    return max(done)[1] if done else None
 
 
 class SelectionStats:
@@ -127,6 +150,12 @@ class SelectionTrainer(Trainer):
                 self.history = BaseHistory(self.model)
         self.stats = SelectionStats()
         self.records: dict[str, dict] = {}
+        self.started, self.seconds_before = time.time(), 0.0   # seconds trained before a resume
+
+    @property
+    def seconds(self) -> float:
+        """Seconds of training, including the part before a resume."""
+        return self.seconds_before + time.time() - self.started
 
     @property
     def ema(self):
@@ -151,15 +180,45 @@ class SelectionTrainer(Trainer):
                 self.hook = None
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """The Trainer's train; on resume, the EMA history is restored from the checkpoint."""
-        if resume_from_checkpoint and self.ema is not None:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            ckpt = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) \
-                else get_last_checkpoint(self.args.output_dir)
-            self.ema.load(ckpt)
+        """The Trainer's train. On resume (a checkpoint folder, or True for the last complete
+        one), sstoken's own state comes back too: the EMA history, the saved per-token
+        records, the statistics since the last log and the seconds already trained."""
+        if resume_from_checkpoint:
+            if not isinstance(resume_from_checkpoint, str):
+                resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            self.load_extra_state(resume_from_checkpoint)
         with self.attention_hook():
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_extra_state(self, folder: str) -> None:
+        """sstoken's state into a checkpoint folder (main process only)."""
+        if not self.is_world_process_zero():
+            return
+        if self.ema is not None:
+            self.ema.save(folder)
+        state = {"seconds": self.seconds_before + time.time() - self.started,
+                 "stats": dict(self.stats.s), "records": self.records}
+        atomic_write(Path(folder) / STATE_FILE, json.dumps(state))
+
+    def load_extra_state(self, folder: str) -> None:
+        if self.ema is not None:
+            self.ema.load(folder)
+        path = Path(folder) / STATE_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: the checkpoint has no sstoken state to resume from "
+                                    "(written by another tool, or incomplete)")
+        state = json.loads(path.read_text())
+        self.seconds_before = state["seconds"]
+        self.stats.s.update(state["stats"])
+        self.records = state["records"]
+
+    def _save_rng_state(self, output_dir):
+        """The Trainer writes a checkpoint's files, then its ``trainer_state.json`` last; this
+        hook runs just before that, so a checkpoint with ``trainer_state.json`` has sstoken's
+        state too (a kill in between leaves it incomplete, and resuming skips it)."""
+        super()._save_rng_state(output_dir)
+        self.save_extra_state(output_dir)
 
     # ------------------------------------------------------------------ normalization
     def get_batch_samples(self, epoch_iterator, num_batches, device):

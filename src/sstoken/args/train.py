@@ -198,6 +198,9 @@ class TrainArguments(TrainingArguments):
     logging_steps: float = _h("Log (and reduce the selection statistics) every N steps.", 1)
     save_strategy: str = _h("Checkpoints: no (default), steps or epoch.", "no")
     remove_unused_columns: bool = _h("Must stay False: sstoken's collator needs every column.", False)
+    overwrite_output_dir: bool = _h("Train into an --output_dir that holds an earlier run: its "
+                                    "checkpoints and outputs are deleted first (otherwise an "
+                                    "error: resume it or choose another folder).", False)
     disable_tqdm: bool | None = _h("No progress bars (default: off in CI and in non-terminal logs).",
                                    None)
 
