@@ -184,3 +184,32 @@ def test_rerun_into_an_earlier_run_is_refused_or_replaced(tiny_dir, tmp_path, ca
                                 "--overwrite_output_dir", "true"], capsys)
     assert rc == 0, text
     assert not (tmp_path / "o" / "checkpoint-2").exists()         # the old checkpoints are gone
+
+
+def test_ctrl_c_exits_130_and_says_what_was_kept(tiny_dir, tmp_path, capsys, monkeypatch):
+    import sstoken.runs
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sstoken.runs, "train", interrupted)
+    rc, text = run(["train", "--model", tiny_dir, "--output_dir", str(tmp_path / "o")], capsys)
+    assert rc == 130 and "interrupted; no checkpoint was written" in text and "Traceback" not in text
+    ckpt = tmp_path / "o" / "checkpoint-3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / "sstoken_state.json").write_text("{}")
+    rc, text = run(["train", "--model", tiny_dir, "--output_dir", str(tmp_path / "o")], capsys)
+    assert rc == 130 and f"the last complete checkpoint is {ckpt}" in text
+
+
+def test_failed_eval_leaves_no_folder(tiny_dir, tmp_path, capsys, monkeypatch):
+    import sstoken.evaluation
+
+    def broken(**kw):
+        (tmp_path / "ev" / "tasks").mkdir(parents=True)
+        raise FileNotFoundError("no .arrow files in /x")
+
+    monkeypatch.setattr(sstoken.evaluation, "evaluate", broken)
+    rc, text = run(["eval", "--model", tiny_dir, "--output_dir", str(tmp_path / "ev")], capsys)
+    assert rc == 1 and "no .arrow files" in text and not (tmp_path / "ev").exists()

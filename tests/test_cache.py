@@ -89,3 +89,36 @@ def test_key_covers_dtype_and_kernel_and_mismatch_names_every_field(tmp_path, to
     msg = str(e.value)
     assert "template='tulu' (this run: 'chat')" in msg and "max_seq_length=64" in msg and "dtype='bfloat16'" in msg
     assert "model" not in msg.split(":", 1)[1].split("written for")[1]           # the model matches
+
+
+def test_concurrent_writers_and_a_reader(tmp_path, tiny_dir, records):
+    """Two processes score the same data at once (as two ranks of a fresh run would) while a
+    third reads: nothing fails, one scoring pass per entry, the reader never sees a partial
+    entry, and both writers get the same losses."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records(12)))
+    cache_root = tmp_path / "cache"
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": str(here.parent / "src"), "OMP_NUM_THREADS": "1"}
+    script = str(here / "cache_stress.py")
+    procs = [subprocess.Popen([sys.executable, script, "writer", tiny_dir, str(data), str(cache_root),
+                               str(tmp_path / f"w{i}.json"), "8"], env=env, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    procs.append(subprocess.Popen([sys.executable, script, "reader", str(cache_root),
+                                   str(tmp_path / "r.json"), "12"], env=env))
+    logs = [p.communicate(timeout=300)[1] or "" for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], logs
+    assert sum(log.count("[sstoken] scoring ") for log in logs) == 8     # one pass per entry
+    w0, w1 = (json.loads((tmp_path / f"w{i}.json").read_text()) for i in range(2))
+    assert w0 == w1                                             # the same entry, the same losses
+    entries = [d for d in (cache_root / "losses").iterdir() if not d.name.startswith(".")
+               and d.suffix != ".lock"]
+    assert len(entries) == 8                                    # one per dataset, none doubled
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["errors"] == [] and r["seen"] > 0

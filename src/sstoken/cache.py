@@ -105,7 +105,7 @@ def write(root: Path, key: str, meta: dict, examples: list[Example],
           losses: list[torch.Tensor]) -> Path:
     """Write one cache entry atomically; ``losses[k]`` is example k's (L_k,) float32 tensor."""
     out = entry_dir(root, key)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=False) as tmp:     # the same key is the same content
         flat = torch.cat([l.float().cpu() for l in losses]) if losses else torch.zeros(0)
         offsets = torch.tensor([0] + [len(l) for l in losses], dtype=torch.int64).cumsum(0)
         save_file({"losses": flat.contiguous(), "offsets": offsets}, str(tmp / "losses.safetensors"))

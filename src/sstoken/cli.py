@@ -67,6 +67,20 @@ def _demo(data, sel, demo) -> int:
 def _eval(model, adapter, template, score_args, ev) -> int:
     from pathlib import Path
 
+    created = not Path(ev.output_dir).exists()
+    try:
+        return _run_eval(model, adapter, template, score_args, ev)
+    except BaseException:
+        if created and Path(ev.output_dir).is_dir():      # only the task files we wrote
+            import shutil
+
+            shutil.rmtree(ev.output_dir, ignore_errors=True)
+        raise
+
+
+def _run_eval(model, adapter, template, score_args, ev) -> int:
+    from pathlib import Path
+
     from .evaluation import evaluate, results_table
     from .io import log
 
@@ -160,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"sstoken: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return EXIT_USAGE
+    options = ()
     try:
         options = parse(command, rest)
         return int(HANDLERS[command](*options) or 0)
@@ -176,9 +191,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sstoken {command}: error: {e}", file=sys.stderr)
         return EXIT_DATA
     except KeyboardInterrupt:
-        print(f"sstoken {command}: interrupted; files written so far were left complete",
-              file=sys.stderr)
+        print(f"sstoken {command}: interrupted; {_what_was_kept(options)}", file=sys.stderr)
         return 130
+
+
+def _what_was_kept(options: tuple) -> str:
+    """One line for Ctrl-C: what is on disk, and how to continue."""
+    from .args import TrainArguments
+    from .trainer import last_complete_checkpoint
+
+    train_args = next((o for o in options if isinstance(o, TrainArguments)), None)
+    if train_args is not None:
+        ckpt = last_complete_checkpoint(str(train_args.output_dir))
+        if ckpt:
+            return (f"the last complete checkpoint is {ckpt}: continue with the same command and "
+                    "--resume_from_checkpoint true")
+        return ("no checkpoint was written (--save_strategy steps --save_steps N makes runs "
+                "resumable); files already written are complete")
+    return "files already written are complete (each is written whole or not at all)"
 
 
 if __name__ == "__main__":

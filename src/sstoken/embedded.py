@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from .io import atomic_dir, log
+from .io import atomic_dir, locked, log
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_DATA = "embedded:gsm8k"
@@ -44,11 +44,19 @@ def embedded_model_dir(progress: bool = True) -> Path:
     """Convert the shipped GGUF to a plain HF folder once; return the folder.
 
     Written to a temporary folder and renamed into place, so an interrupted conversion never
-    leaves a half-written model behind.
+    leaves a half-written model behind; a file lock makes concurrent processes (the ranks of a
+    fresh multi-GPU run) convert it once.
     """
     out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
+    with locked(out):                 # several ranks or runs at once: one converts, the others wait
+        if not (out / "config.json").exists():
+            _convert(out, progress)
+    return out
+
+
+def _convert(out: Path, progress: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,10 +73,9 @@ def embedded_model_dir(progress: bool = True) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=False) as tmp:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    return out
 
 
 def resolve_model(name_or_path: str) -> str:

@@ -4,6 +4,8 @@
   it is written beside its destination under a temporary name and renamed into place (a
   rename within one file system is atomic), with ordinary permissions (0644 / 0755, not
   ``mkstemp``'s 0600).
+* :func:`locked` - an inter-process lock (``filelock``) around work that several processes
+  (ranks, parallel runs) might otherwise all do at once.
 * :func:`log` - one line ``[sstoken] ...`` on stderr, from the main process only (``RANK``
   unset or 0), so a run on 8 GPUs prints each message once.
 """
@@ -64,10 +66,13 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], N
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """``with atomic_dir(out) as tmp:`` fill ``tmp``; on success it replaces ``out`` whole.
+def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """``with atomic_dir(out) as tmp:`` fill ``tmp``; on success it becomes ``out`` whole.
 
-    An error inside the block removes ``tmp`` and leaves ``out`` untouched.
+    An error inside the block removes ``tmp`` and leaves ``out`` untouched. ``replace=False``
+    is for content-addressed folders (a cache entry, a converted model): if ``out`` appeared
+    meanwhile (another process wrote the same thing), it is kept and ``tmp`` dropped, so a
+    complete folder is never deleted under a reader.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,9 +80,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        if path.exists():
+        if path.exists() and replace:
             shutil.rmtree(path)
-        os.rename(tmp, path)
+        if not path.exists():
+            os.rename(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an inter-process lock on ``path`` (a ``<path>.lock`` file beside it) for the block:
+    one process at a time converts a model or scores a dataset; the others wait, then find
+    the result."""
+    from filelock import FileLock
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        yield

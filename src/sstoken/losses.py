@@ -15,7 +15,7 @@ import torch
 
 from . import cache as cache_mod
 from .data import Collator, Example, ExampleDataset
-from .io import log
+from .io import locked, log
 from .modeling import forward_token_losses
 from .progress import progress
 from .scoring import response_mask
@@ -85,34 +85,41 @@ class LossProvider:
         """Put ``model_name``'s losses into ``example.extra[field]``, computing and caching them
         first when no entry matches and ``compute``. Returns the entry's folder, or None when
         it is absent and ``compute`` is False."""
+        fp, key = self.key(model_name, examples)
+        found = cache_mod.find(self.root, key)
+        if found is None and compute:
+            # one process scores, every other (rank, parallel run) waits and reads its entry
+            with locked(cache_mod.entry_dir(self.root, key)):
+                found = cache_mod.find(self.root, key)
+                if found is None:
+                    self._score(model_name, examples, fp, key)
+                    found = cache_mod.find(self.root, key)
+        elif found is not None:
+            log(f"using cached losses of {model_name}: {found.path}")
+        if found is None:
+            return None
+        found.attach(examples, field)
+        return found.path
+
+    def _score(self, model_name: str, examples: list[Example], fp: str, key: str) -> None:
+        """Score ``examples`` with ``model_name`` and write the cache entry ``key``."""
         from .embedded import resolve_model
         from .modeling import load_model, load_tokenizer
 
-        fp, key = self.key(model_name, examples)
-        found = cache_mod.find(self.root, key)
-        if found is None:
-            if not compute:
-                return None
-            log(f"scoring {len(examples)} examples with {model_name} (cached for later runs)")
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            m = self.model_args
-            model = load_model(model_name, m.dtype, m.attn_implementation).to(device)
-            tok = load_tokenizer(model_name)
-            t0 = time.time()
-            losses = compute_losses(model, examples, tok.pad_token_id, batch_size=self.batch_size,
-                                    chunk_size=m.loss_chunk_size, desc=f"scoring {Path(resolve_model(model_name)).name}")
-            meta = {"model": model_name, "model_fingerprint": fp, "data": self.data_args.data,
-                    "template": self.data_args.template,
-                    "max_seq_length": self.data_args.max_seq_length, "dtype": self.dtype,
-                    "attn_implementation": m.attn_implementation,
-                    "seconds": round(time.time() - t0, 1)}
-            cache_mod.write(self.root, key, meta, examples, losses)
-            found = cache_mod.find(self.root, key)
-            del model
-        else:
-            log(f"using cached losses of {model_name}: {found.path}")
-        found.attach(examples, field)
-        return found.path
+        log(f"scoring {len(examples)} examples with {model_name} (cached for later runs)")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        m = self.model_args
+        model = load_model(model_name, m.dtype, m.attn_implementation).to(device)
+        tok = load_tokenizer(model_name)
+        t0 = time.time()
+        losses = compute_losses(model, examples, tok.pad_token_id, batch_size=self.batch_size,
+                                chunk_size=m.loss_chunk_size,
+                                desc=f"scoring {Path(resolve_model(model_name)).name}")
+        meta = {"model": model_name, "model_fingerprint": fp, "data": self.data_args.data,
+                "template": self.data_args.template, "max_seq_length": self.data_args.max_seq_length,
+                "dtype": self.dtype, "attn_implementation": m.attn_implementation,
+                "seconds": round(time.time() - t0, 1)}
+        cache_mod.write(self.root, key, meta, examples, losses)
 
     def attach_from(self, folder: str, examples: list[Example], field: str) -> Path:
         """Losses from a cache folder named explicitly: it must belong to this run's base
