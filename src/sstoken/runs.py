@@ -8,6 +8,7 @@ Every step takes the dataclasses of :mod:`sstoken.args` (already checked), print
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -176,6 +177,57 @@ def check_model(model_args: ModelArguments, sel_args: SelectionArguments) -> Non
             raise UsageError(f"--{e}") from None
 
 
+def engine(train_args: TrainArguments) -> tuple[str, int]:
+    """The distributed engine this run will use, from the Trainer's options or the variables
+    ``accelerate launch`` sets: ``("ddp" | "fsdp" | "deepspeed", ZeRO stage or 0)``."""
+    env = os.environ
+    if train_args.fsdp or env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "fsdp", 0
+    ds = train_args.deepspeed
+    if ds or env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if isinstance(ds, dict):
+            stage = ds.get("zero_optimization", {}).get("stage", stage)
+        elif isinstance(ds, str) and Path(ds).is_file():
+            stage = json.loads(Path(ds).read_text()).get("zero_optimization", {}).get("stage", stage)
+        return "deepspeed", int(stage or 0)
+    return "ddp", 0
+
+
+def check_launch(model_args: ModelArguments, finetune_args: FinetuneArguments,
+                 sel_args: SelectionArguments, train_args: TrainArguments) -> None:
+    """Refuse, before anything loads, what cannot work: several GPUs without a launcher (the
+    Trainer would fall into ``nn.DataParallel``, whose replicas share sstoken's hooks), and
+    the sharded-engine combinations known to fail (see README, Several GPUs)."""
+    from .errors import UsageError
+
+    problems = []
+    gpus = torch.cuda.device_count() if not train_args.use_cpu else 0
+    if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        problems.append(
+            f"{gpus} GPUs are visible but this is one process: launch one process per GPU with "
+            f"`torchrun --nproc_per_node {gpus} -m sstoken.cli train ...` or `accelerate launch "
+            "--config_file configs/accelerate/ddp.yaml -m sstoken.cli train ...`, or train on "
+            "one GPU with CUDA_VISIBLE_DEVICES=0")
+    name, stage = engine(train_args)
+    sharded = name == "fsdp" or (name == "deepspeed" and stage == 3)
+    label = "FSDP" if name == "fsdp" else f"DeepSpeed ZeRO-{stage}"
+    if sharded and sel_args.method == "sstoken" and sel_args.history == "ema":
+        problems.append(f"--history ema under {label}: the EMA does not yet track sharded "
+                        "parameters; use --history base")
+    if sharded and model_args.loss_chunk_size > 0:
+        problems.append(f"--loss_chunk_size {model_args.loss_chunk_size} under {label}: the "
+                        "chunked loss needs the unsharded lm_head weight; use --loss_chunk_size 0 "
+                        "(full logits) for now")
+    if (name != "ddp" and finetune_args.finetune == "full" and sel_args.method == "sstoken"
+            and sel_args.gamma > 0 and sel_args.history == "base" and sel_args.history_losses == "online"):
+        problems.append(f"--finetune full with online base history under {label} needs a frozen "
+                        "unsharded copy of the model on every GPU: run `sstoken score` first and "
+                        "train with --history_losses auto (the cache)")
+    if problems:
+        raise UsageError(problems)
+
+
 def train(model_args: ModelArguments, finetune_args: FinetuneArguments, data_args: DataArguments,
           sel_args: SelectionArguments, train_args: TrainArguments) -> dict:
     """``sstoken train``: check the output folder and the model's config, load data, let the
@@ -183,6 +235,7 @@ def train(model_args: ModelArguments, finetune_args: FinetuneArguments, data_arg
     t0 = time.time()
     out_dir = Path(train_args.output_dir)
     resume = check_output_dir(train_args, sel_args)
+    check_launch(model_args, finetune_args, sel_args, train_args)
     check_model(model_args, sel_args)
     created = not out_dir.exists()
     try:
@@ -191,6 +244,13 @@ def train(model_args: ModelArguments, finetune_args: FinetuneArguments, data_arg
         method = get_method(sel_args)
         losses = LossProvider(model_args, data_args, train_args.per_device_eval_batch_size)
         facts = method.prepare(examples, losses)
+        if (facts.get("history_losses") == "online" and finetune_args.finetune == "full"
+                and engine(train_args)[0] != "ddp"):
+            from .errors import UsageError
+
+            raise UsageError("--finetune full with online base history under a sharded engine "
+                             "needs a frozen unsharded copy per GPU, and no cache entry matches: "
+                             "run `sstoken score` with the same model and data first")
         for k, v in facts.items():
             log(f"{k.replace('_', ' ')}: {v}")
         if resume is None and train_args.overwrite_output_dir:
@@ -214,7 +274,7 @@ def _finish(trainer, model_args, finetune_args, data_args, sel_args, stats, out_
     trainer.save_model(str(out_dir))          # adapter (LoRA) or full weights, + tokenizer
     trainer.save_state()
     main_process = trainer.is_world_process_zero()
-    scores = trainer.write_records(str(out_dir / "selection.jsonl")) if main_process else None
+    scores = trainer.write_records(str(out_dir / "selection.jsonl"))     # every rank: gathered
     hist = [h for h in trainer.state.log_history if "loss" in h]
     summary = {
         "method": sel_args.method, "rho": sel_args.rho, "gamma": sel_args.gamma,

@@ -192,14 +192,31 @@ class SelectionTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def save_extra_state(self, folder: str) -> None:
-        """sstoken's state into a checkpoint folder (main process only)."""
+        """sstoken's state into a checkpoint folder. Every rank calls it (the records are
+        gathered from all of them); the main process writes."""
+        records = self.all_records()
         if not self.is_world_process_zero():
             return
         if self.ema is not None:
             self.ema.save(folder)
         state = {"seconds": self.seconds_before + time.time() - self.started,
-                 "stats": dict(self.stats.s), "records": self.records}
+                 "stats": dict(self.stats.s), "records": records}
         atomic_write(Path(folder) / STATE_FILE, json.dumps(state))
+
+    def all_records(self) -> dict[str, dict]:
+        """The saved records of every process (each saw its own examples), each example once
+        (its latest step), in data order. A collective call under several processes."""
+        records = self.records
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, self.records)
+            records = {}
+            for part in parts:
+                for k, r in part.items():
+                    if k not in records or r["step"] > records[k]["step"]:
+                        records[k] = r
+        order = {ex.id: i for i, ex in enumerate(self.examples or [])}
+        return dict(sorted(records.items(), key=lambda kv: order.get(kv[0], len(order))))
 
     def load_extra_state(self, folder: str) -> None:
         if self.ema is not None:
@@ -307,7 +324,9 @@ class SelectionTrainer(Trainer):
             self.records[ex.id] = rec
 
     def write_records(self, path: str) -> str | None:
-        """Write the saved per-token records as JSONL (atomically)."""
-        if not self.records:
+        """Write the saved per-token records of every process as JSONL (atomically, main
+        process). Every rank must call it (the records are gathered)."""
+        records = self.all_records()
+        if not records or not self.is_world_process_zero():
             return None
-        return str(write_scores(path, self.records.values()))
+        return str(write_scores(path, records.values()))

@@ -1,0 +1,109 @@
+"""Two processes (torchrun, gloo on CPU) through the real command line: the run's outputs cover
+every rank (selection.jsonl holds each saved example once, sel/* are sums over both ranks) and
+equal a one-process run at the same global batch. (The update itself: test_trainer.py.)"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sstoken.cli import main
+from sstoken.testing import free_port
+
+
+def test_two_processes_write_whole_run_outputs(tiny_dir, tmp_path, records):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records(8, seed=4, multi_turn=True)))
+    common = ["--model", tiny_dir, "--data", str(data), "--method", "sstoken", "--lora_r", "4",
+              "--lora_dropout", "0", "--max_steps", "2", "--save_scores", "8", "--use_cpu", "true",
+              "--learning_rate", "1e-2", "--seed", "1"]
+    assert main(["train", *common, "--per_device_train_batch_size", "4",
+                 "--output_dir", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "sstoken.cli", "train", *common, "--per_device_train_batch_size", "2",
+           "--output_dir", str(tmp_path / "two")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    def read(run):
+        recs = [json.loads(line) for line in (tmp_path / run / "selection.jsonl").read_text().splitlines()]
+        return recs, json.loads((tmp_path / run / "sstoken_run.json").read_text())
+
+    (one, s1), (two, s2) = read("one"), read("two")
+    assert sorted(r["id"] for r in two) == sorted(f"ex{k}" for k in range(8))      # each once
+    assert [r["id"] for r in one] == [r["id"] for r in two]                        # data order
+    for a, b in zip(one, two):
+        assert a["keep"] == b["keep"] and a["step"] == b["step"], a["id"]
+    assert s2["kept_frac"] == s1["kept_frac"] and s2["steps"] == s1["steps"] == 2
+    assert p.stderr.count("done in") == 1                      # rank 0 logs, the other does not
+
+
+def test_several_gpus_without_a_launcher_are_refused(monkeypatch):
+    import torch
+
+    import sstoken
+    from sstoken.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    try:
+        sstoken.train(model="/nonexistent-model", output_dir="/nonexistent-out/x")
+    except UsageError as e:
+        text = str(e)
+    assert "4 GPUs are visible but this is one process" in text and "torchrun --nproc_per_node 4" in text
+
+
+def test_sharded_engine_combinations_are_refused_up_front(monkeypatch):
+    from sstoken.args import parse
+    from sstoken.errors import UsageError
+    from sstoken.runs import check_launch, engine
+
+    m, f, d, s, t = parse("train", ["--history", "ema", "--finetune", "full", "--use_cpu", "true"])
+    assert engine(t) == ("ddp", 0)
+    check_launch(m, f, s, t)                                            # DDP: all fine
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert engine(t) == ("deepspeed", 3)
+    try:
+        check_launch(m, f, s, t)
+    except UsageError as e:
+        problems = e.problems
+    assert len(problems) == 2 and "--history ema under DeepSpeed ZeRO-3" in problems[0]
+    assert "--loss_chunk_size 1024 under DeepSpeed ZeRO-3" in problems[1]
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    check_launch(m, f, s, t)                                            # ZeRO-2: the head is whole
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    m, f, d, s, t = parse("train", ["--finetune", "full", "--history_losses", "online",
+                                    "--loss_chunk_size", "0", "--use_cpu", "true"])
+    try:
+        check_launch(m, f, s, t)
+    except UsageError as e:
+        problems = e.problems
+    assert problems == [p for p in problems if "frozen unsharded copy" in p] and len(problems) == 1
+
+
+def test_same_command_same_seed_gives_bit_identical_weights(tiny_dir, tmp_path, records):
+    """Adapter init, dropout and random selection are seeded by --seed: whatever ran before in
+    the process, the same command gives the same weights (LoRA and full fine-tuning)."""
+    import torch
+    from safetensors.torch import load_file
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records(8, seed=6)))
+    runs = {"full": ["--method", "full"], "random": ["--method", "random"],
+            "sstoken": ["--method", "sstoken"],
+            "sstoken-ema-fullft": ["--method", "sstoken", "--history", "ema", "--finetune", "full"]}
+    for name, flags in runs.items():
+        weights = []
+        for attempt in range(2):
+            torch.manual_seed(1000 + attempt)                       # a different global state
+            out = tmp_path / f"{name}-{attempt}"
+            assert main(["train", "--model", tiny_dir, "--data", str(data), "--lora_r", "4",
+                         "--lora_dropout", "0.3", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                         "--learning_rate", "1e-2", "--seed", "7", "--use_cpu", "true", "--save_scores", "0",
+                         "--output_dir", str(out), *flags]) == 0
+            f = "model.safetensors" if "--finetune" in flags else "adapter_model.safetensors"
+            weights.append(load_file(str(out / f)))
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), name
