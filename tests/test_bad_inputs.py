@@ -169,7 +169,17 @@ def test_option_misuse(tiny_dir, tmp_path, capsys):
                 ["show", "--adapter", str(tmp_path / "none")]):
         rc, text = run(cmd, capsys)
         assert rc == 2 and "--adapter" in text and "Traceback" not in text, (cmd, text)
-    assert not (tmp_path / "m").exists() and not Path("outputs/eval").exists() or True
+    assert not (tmp_path / "m").exists()
+    nomodel = str(tmp_path / "nomodel")
+    for cmd in (["score", "--model", nomodel], ["show", "--model", nomodel, "--output", str(tmp_path / "p.html")],
+                ["eval", "--model", nomodel, "--output_dir", str(tmp_path / "ev")],
+                ["merge", "--model", nomodel, "--adapter", str(notadapter.parent / "ad"), "--output", str(tmp_path / "m")]):
+        if cmd[0] == "merge":
+            (tmp_path / "ad").mkdir(exist_ok=True)
+            (tmp_path / "ad" / "adapter_config.json").write_text("{}")
+        rc, text = run(cmd, capsys)
+        assert rc == 2 and f"--model {nomodel}: not a model folder" in text and "Traceback" not in text, (cmd, text)
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "p.html").exists() and not (tmp_path / "m").exists()
 
 
 def test_rerun_into_an_earlier_run_is_refused_or_replaced(tiny_dir, tmp_path, capsys):

@@ -67,6 +67,9 @@ def _demo(data, sel, demo) -> int:
 def _eval(model, adapter, template, score_args, ev) -> int:
     from pathlib import Path
 
+    from .runs import check_model
+
+    check_model(model)                           # before lm-eval, the model or any folder
     created = not Path(ev.output_dir).exists()
     try:
         return _run_eval(model, adapter, template, score_args, ev)

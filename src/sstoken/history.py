@@ -100,8 +100,12 @@ class BaseHistory:
     """The base model: the adapter disabled (LoRA) or a frozen copy (full fine-tuning)."""
 
     def __init__(self, model):
-        self.frozen = None if is_peft(model) else \
-            copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        self.frozen = None
+        if not is_peft(model):
+            self.frozen = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+            # A forward patched onto the instance (TRL's fused LM head, accelerate's autocast
+            # wrapper) is a closure over the *live* model: the copy must run its own class's.
+            self.frozen.__dict__.pop("forward", None)
 
     @torch.no_grad()
     def losses(self, model, input_ids, attention_mask, resp, chunk_size: int) -> torch.Tensor:

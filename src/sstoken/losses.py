@@ -57,10 +57,11 @@ class LossProvider:
     load a model to score with (dtype, attention kernel, chunk size).
     """
 
-    def __init__(self, model_args, data_args, batch_size: int = 8):
+    def __init__(self, model_args, data_args, batch_size: int = 8, module=None):
         from .embedded import cache_dir
 
         self.model = model_args.model
+        self.module = module          # the base model in memory, when it has no folder to load
         self.model_args, self.data_args = model_args, data_args
         self.root = Path(data_args.cache_dir) if data_args.cache_dir else cache_dir()
         self.batch_size = batch_size
@@ -84,7 +85,20 @@ class LossProvider:
                compute: bool = True) -> Path | None:
         """Put ``model_name``'s losses into ``example.extra[field]``, computing and caching them
         first when no entry matches and ``compute``. Returns the entry's folder, or None when
-        it is absent and ``compute`` is False."""
+        it is absent and ``compute`` is False. A base model that exists only in memory
+        (``module``, no folder) is scored directly and not cached."""
+        if model_name == self.model and self.module is not None and \
+                not (model_name and Path(model_name).is_dir()):
+            if not compute:
+                return None
+            device = next(self.module.parameters()).device
+            was = self.module.training
+            losses = compute_losses(self.module.to(device), examples, self._pad_id(), batch_size=self.batch_size,
+                                    chunk_size=self.model_args.loss_chunk_size, desc="scoring the base model")
+            self.module.train(was)
+            for e, l in zip(examples, losses):
+                e.extra[field] = l.tolist()
+            return None
         fp, key = self.key(model_name, examples)
         found = cache_mod.find(self.root, key)
         if found is None and compute:
@@ -100,6 +114,11 @@ class LossProvider:
             return None
         found.attach(examples, field)
         return found.path
+
+    def _pad_id(self) -> int:
+        cfg = getattr(self.module, "config", None)
+        pad = getattr(cfg, "pad_token_id", None)
+        return 0 if pad is None else int(pad)          # padding is masked: any id will do
 
     def _score(self, model_name: str, examples: list[Example], fp: str, key: str) -> None:
         """Score ``examples`` with ``model_name`` and write the cache entry ``key``."""

@@ -65,6 +65,7 @@ def score(model_args: ModelArguments, data_args: DataArguments,
           score_args: ScoreArguments | None = None) -> Path:
     """``sstoken score``: compute and cache ``model``'s per-token losses over the data."""
     score_args = score_args or ScoreArguments()
+    check_model(model_args)
     examples, stats = load_data(data_args, load_tokenizer(model_args.model))
     t0 = time.time()
     out = LossProvider(model_args, data_args, score_args.batch_size).attach(
@@ -153,7 +154,7 @@ def _clear_earlier_run(out: Path) -> None:
             p.unlink()
 
 
-def check_model(model_args: ModelArguments, sel_args: SelectionArguments) -> None:
+def check_model(model_args: ModelArguments, sel_args: SelectionArguments | None = None) -> None:
     """Checks that need the model's config but not its weights: a local model folder exists,
     and ``--attn_layer`` is within its layers."""
     from transformers import AutoConfig
@@ -170,7 +171,8 @@ def check_model(model_args: ModelArguments, sel_args: SelectionArguments) -> Non
         config = AutoConfig.from_pretrained(resolve_model(name))
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {name}: cannot read its config ({str(e).splitlines()[0]})") from None
-    if sel_args.method == "sstoken" and (sel_args.gamma < 1 or sel_args.rel_warmup > 0):
+    if sel_args is not None and sel_args.method == "sstoken" and \
+            (sel_args.gamma < 1 or sel_args.rel_warmup > 0):
         try:
             resolve_layer(sel_args.attn_layer, config.num_hidden_layers)
         except ValueError as e:
@@ -340,6 +342,7 @@ def merge(model_args: ModelArguments, adapter: str, output: str) -> str:
     """``sstoken merge``: the adapter merged into its base, saved as a plain model."""
     from .modeling import merge_and_save
 
+    check_model(model_args)
     path = merge_and_save(model_args.model, adapter, output,
                           "float32" if model_args.dtype == "auto" else model_args.dtype)
     log(f"merged {adapter} into {model_args.model} -> {path}")
@@ -360,6 +363,7 @@ def score_records(model_args: ModelArguments, adapter: str | None, data_args: Da
 
     from .trainer import SelectionTrainer
 
+    check_model(model_args, sel_args)
     tok = load_tokenizer(model_args.model)
     examples, _ = load_data(data_args, tok, limit=max_examples)
     method = get_method(sel_args)

@@ -11,14 +11,6 @@ Normalization: ``get_batch_samples`` counts the tokens each micro-batch *will* k
 optimizer step and all processes, and passes it as ``num_items_in_batch``. ``compute_loss``
 divides by it and multiplies by the number of processes (DDP averages gradients), so gradient
 accumulation 1x8, 8x1 and 2 processes x 4 give the same update as one batch of 8 (tested).
-
-Example::
-
-    trainer = SelectionTrainer(model=model, args=TrainArguments(output_dir="out"),
-                               train_dataset=ExampleDataset(examples),
-                               data_collator=Collator(tok.pad_token_id), processing_class=tok,
-                               selection=SelectionArguments(method="sstoken"), examples=examples)
-    trainer.train()
 """
 
 from __future__ import annotations
@@ -117,22 +109,18 @@ class SelectionStats:
         return out
 
 
-class SelectionTrainer(Trainer):
-    """A Trainer with token selection (and any ``Trainer`` argument).
+class SelectionMixin:
+    """Token selection for any ``transformers.Trainer`` subclass: put it first in the bases
+    (``class T(SelectionMixin, SomeTrainer)``) and call :meth:`init_selection` at the end of
+    ``__init__``. :class:`SelectionTrainer` (plain ``Trainer``) and
+    ``sstoken.integrations.trl.SSTokenSFTTrainer`` (TRL's ``SFTTrainer``) are the two.
 
-    Args:
-        selection: the method and its options (:class:`sstoken.args.SelectionArguments`).
-        loss_chunk_size: rows projected to the vocabulary at once (0 = full logits).
-        examples: the training examples (for the saved per-token records).
-        **kwargs: passed to ``transformers.Trainer``. Batches come from
-            :class:`sstoken.data.Collator`: ``input_ids``, ``attention_mask``, ``labels``,
-            ``index`` and the per-token fields methods attached (``history_loss``,
-            ``ref_loss``, ``keep``).
+    Batches carry ``input_ids``, ``attention_mask``, ``labels`` (-100 off R), ``index`` (B,) and
+    the per-token fields methods attached (``history_loss``, ``ref_loss``, ``keep``).
     """
 
-    def __init__(self, *args, selection: SelectionArguments, loss_chunk_size: int = 1024,
-                 examples=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def init_selection(self, selection: SelectionArguments, loss_chunk_size: int = 1024,
+                       examples=None) -> None:
         self.sel = selection
         self.method = get_method(selection)
         self.loss_chunk_size = loss_chunk_size
@@ -330,3 +318,28 @@ class SelectionTrainer(Trainer):
         if not records or not self.is_world_process_zero():
             return None
         return str(write_scores(path, records.values()))
+
+
+class SelectionTrainer(SelectionMixin, Trainer):
+    """A ``transformers.Trainer`` with token selection (and any ``Trainer`` argument).
+
+    Args:
+        selection: the method and its options (:class:`sstoken.args.SelectionArguments`).
+        loss_chunk_size: rows projected to the vocabulary at once (0 = full logits).
+        examples: the training examples (for the saved per-token records).
+        **kwargs: passed to ``transformers.Trainer``; batches come from
+            :class:`sstoken.data.Collator`.
+
+    Example::
+
+        trainer = SelectionTrainer(model=model, args=TrainArguments(output_dir="out"),
+                                   train_dataset=ExampleDataset(examples),
+                                   data_collator=Collator(tok.pad_token_id), processing_class=tok,
+                                   selection=SelectionArguments(method="sstoken"), examples=examples)
+        trainer.train()
+    """
+
+    def __init__(self, *args, selection: SelectionArguments, loss_chunk_size: int = 1024,
+                 examples=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_selection(selection, loss_chunk_size, examples)
