@@ -29,7 +29,9 @@ def main(out: str, model_dir: str, method: str, per_device: int, accum: int, fin
     examples, _ = build_examples(((f"r{k}", r) for k, r in enumerate(recs)), tok)
     model_args = ModelArguments(model=model_dir, dtype="float32")
     finetune_args = FinetuneArguments(finetune=finetune, lora_r=4, lora_alpha=8, lora_dropout=0.0)
-    sel = SelectionArguments(method=method, rho=0.6, gamma=0.5, save_scores=0)
+    method, _, weighting = method.partition(":")          # e.g. sstoken:dft
+    sel = SelectionArguments(method=method, rho=0.6, gamma=0.5, save_scores=0,
+                             weighting=weighting or "none")
     args = TrainingArguments(output_dir=out + ".run", per_device_train_batch_size=per_device,
                              gradient_accumulation_steps=accum, max_steps=1, learning_rate=0.5,
                              optim="sgd", lr_scheduler_type="constant", report_to="none",

@@ -17,10 +17,10 @@ def test_field_tuples():
     assert SCALAR_FIELDS == ("id", "method", "step", "gamma", "rho")
     assert REQUIRED == ("id", "method", "tokens", "response", "keep")
     assert PER_TOKEN_BOOL == ("response", "keep", "by_attention")
-    assert PER_TOKEN_NUMERIC == ("loss", "rel", "rel_norm", "attn_score", "score")
+    assert PER_TOKEN_NUMERIC == ("loss", "rel", "rel_norm", "attn_score", "score", "weight")
     assert PER_TOKEN == PER_TOKEN_BOOL + PER_TOKEN_NUMERIC
-    rec = fake_record(0, n=10)                                 # the trainer's record has them all
-    assert set(rec) == set(SCALAR_FIELDS) | {"tokens"} | set(PER_TOKEN)
+    rec = fake_record(0, n=10)             # the trainer's record has them all ("weight" with --weighting)
+    assert set(rec) | {"weight"} == set(SCALAR_FIELDS) | {"tokens"} | set(PER_TOKEN)
 
 
 def test_schema_is_pure_python():
@@ -115,20 +115,20 @@ def test_write_scores_checks_first_and_leaves_the_file(tmp_path):
 
 
 def test_a_new_per_token_number_needs_one_name(monkeypatch, tmp_path):
-    """Adding a per-token number (say a token ``weight``) is one name in PER_TOKEN_NUMERIC: it is
-    then checked, written, read, carried on the page with its tooltip label, and decoded."""
+    """Adding a per-token number (as ``weight`` was added for --weighting; here a made-up
+    ``margin``) is one name in PER_TOKEN_NUMERIC: it is then checked, written, read, carried on
+    the page with its tooltip label, and decoded."""
     from sstoken.report import read_report, write_html
 
-    monkeypatch.setattr(records, "PER_TOKEN_NUMERIC", PER_TOKEN_NUMERIC + ("weight",))
-    monkeypatch.setattr(records, "PER_TOKEN", PER_TOKEN + ("weight",))
+    monkeypatch.setattr(records, "PER_TOKEN_NUMERIC", PER_TOKEN_NUMERIC + ("margin",))
+    monkeypatch.setattr(records, "PER_TOKEN", PER_TOKEN + ("margin",))
     rec = fake_record(0, n=8)
-    rec["weight"] = [None, None] + [0.25 * i for i in range(6)]
-    with pytest.raises(ReportError, match="field 'weight' has 7 values for 8 tokens"):
-        check_record(dict(rec, weight=rec["weight"][1:]))
+    rec["margin"] = [None, None] + [0.25 * i for i in range(6)]
+    with pytest.raises(ReportError, match="field 'margin' has 7 values for 8 tokens"):
+        check_record(dict(rec, margin=rec["margin"][1:]))
     back = read_scores(write_scores(tmp_path / "s.jsonl", [rec]))
-    assert back[0]["weight"] == rec["weight"]
+    assert back[0]["margin"] == rec["margin"]
     page = write_html(back, tmp_path / "r.html")
     text = page.read_text()
-    assert '["weight","weight"]' in text and "hover a token: loss, REL, normalized REL, " \
-        "attention score, combined score, weight<" in text
-    assert read_report(page)[0]["weight"] == rec["weight"]
+    assert '["margin","margin"]' in text and "combined score, token weight (--weighting), margin<" in text
+    assert read_report(page)[0]["margin"] == rec["margin"]

@@ -61,6 +61,10 @@ def maxdiff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+# selection[:weighting]: the update of weighted runs must not depend on the layout either
+METHODS = ("full", "sstoken", "sstoken:dft", "random:eaft")
+
+
 @pytest.fixture(scope="module")
 def step_results(tiny_dir, tmp_path_factory):
     """Train one step in several layouts; returns {layout: {method: params}}."""
@@ -68,16 +72,16 @@ def step_results(tiny_dir, tmp_path_factory):
     res = {}
     for pd, acc in [(8, 1), (1, 8), (4, 2)]:
         res[f"{pd}x{acc}"] = {}
-        for m in ("full", "sstoken"):
+        for m in METHODS:
             ddp_step.main(str(out / f"{pd}x{acc}.{m}.st"), tiny_dir, m, pd, acc, "full")
             res[f"{pd}x{acc}"][m] = load_file(str(out / f"{pd}x{acc}.{m}.st"))
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(free_port()), str(HERE / "ddp_step.py"), str(out / "ddp"), tiny_dir,
-           "full,sstoken", "2", "2", "full"]
+           ",".join(METHODS), "2", "2", "full"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res["ddp2x2x2"] = {m: load_file(str(out / f"ddp.{m}.st")) for m in ("full", "sstoken")}
+    res["ddp2x2x2"] = {m: load_file(str(out / f"ddp.{m}.st")) for m in METHODS}
     res["_dir"] = out
     return res
 
@@ -97,21 +101,23 @@ def test_selection_statistics_cover_every_process(step_results, tmp_path_factory
 
     logs = {}
     for layout in ("8x1", "ddp"):
-        for m in ("full", "sstoken"):
+        for m in METHODS:
             path = step_results["_dir"] / f"{layout}.{m}.st.json"
             logs[layout, m] = next(h for h in json.loads(path.read_text()) if "loss" in h)
-    for m in ("full", "sstoken"):
+    for m in METHODS:
         one, two = logs["8x1", m], logs["ddp", m]
         keys = [k for k in one if k.startswith("sel/") and k != "sel/rel_attn_corr"]
         assert keys and "sel/kept_frac" in keys
+        assert ("sel/weight_mean" in keys and "sel/nll_kept" in keys) == (":" in m)
         for k in keys:                 # corr is a mean over micro-batches, which differ in number
             assert two[k] == pytest.approx(one[k], rel=1e-5), (m, k)
 
 
 @pytest.mark.parametrize("layout", ["1x8", "4x2", "ddp2x2x2"])
 def test_accumulation_and_ddp_equal_one_big_batch(step_results, layout):
-    for m in ("full", "sstoken"):
+    for m in METHODS:
         assert maxdiff(step_results[layout][m], step_results["8x1"][m]) < 2e-6, (layout, m)
+    assert maxdiff(step_results["8x1"]["sstoken:dft"], step_results["8x1"]["sstoken"]) > 1e-4   # it weighs
 
 
 # --------------------------------------------------------------------------- method exactness

@@ -15,7 +15,7 @@ import contextlib
 import torch
 
 from .embedded import resolve_model
-from .scoring import response_token_losses, token_losses_from_logits
+from .scoring import response_token_stats, token_losses_from_logits, topk_entropy_from_logits
 
 
 def pick_dtype(name: str) -> torch.dtype:
@@ -89,9 +89,26 @@ def forward_token_losses(model, input_ids: torch.Tensor, attention_mask: torch.T
 
     Gradients flow when grad is enabled. ``chunk_size=0``: the reference path with full logits.
     """
+    return forward_token_stats(model, input_ids, attention_mask, mask, chunk_size)[0]
+
+
+def forward_token_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        mask: torch.Tensor, chunk_size: int = 1024, topk: int = 0,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward: per-token NLL ``(B, L)`` on R and, with ``topk`` > 0, each token's top-k
+    entropy ``(B, L)`` (EAFT) from the same logits, chunk by chunk. ``chunk_size=0``: the
+    reference path with full logits."""
     if chunk_size <= 0:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return torch.where(mask, token_losses_from_logits(logits, input_ids), 0.0)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits   # (B, L, V)
+        loss = torch.where(mask, token_losses_from_logits(logits, input_ids), 0.0)
+        entropy = None
+        if topk > 0:
+            entropy = torch.zeros_like(loss)
+            B, L, V = logits.shape
+            acc = loss.dtype
+            entropy[:, 1:] = topk_entropy_from_logits(logits[:, :-1].to(acc).reshape(-1, V), topk).view(B, L - 1)
+            entropy = torch.where(mask, entropy, 0.0)
+        return loss, entropy
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
     if getattr(head, "bias", None) is not None or getattr(lm.config, "final_logit_softcapping", None):
@@ -106,7 +123,7 @@ def forward_token_losses(model, input_ids: torch.Tensor, attention_mask: torch.T
         model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
     finally:
         handle.remove()
-    return response_token_losses(captured["h"], head.weight, input_ids, mask, chunk_size)
+    return response_token_stats(captured["h"], head.weight, input_ids, mask, chunk_size, topk)
 
 
 @contextlib.contextmanager

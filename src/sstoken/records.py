@@ -33,7 +33,7 @@ from .io import atomic_write
 SCALAR_FIELDS = ("id", "method", "step", "gamma", "rho")
 REQUIRED = ("id", "method", "tokens", "response", "keep")
 PER_TOKEN_BOOL = ("response", "keep", "by_attention")
-PER_TOKEN_NUMERIC = ("loss", "rel", "rel_norm", "attn_score", "score")
+PER_TOKEN_NUMERIC = ("loss", "rel", "rel_norm", "attn_score", "score", "weight")
 PER_TOKEN = PER_TOKEN_BOOL + PER_TOKEN_NUMERIC
 
 # Per-token outcome letters (token_states): prompt, response not kept, kept, kept mainly by attention.

@@ -15,6 +15,9 @@ Equations of the ssToken paper (Qin et al., ICLR 2026, arXiv:2510.18250):
 * Eq. 10  NLL over kept tokens / number of kept tokens             -> :func:`selected_loss`
 * Eq. 11  keep the top ``ceil(rho * |R|)`` tokens of each sample   -> :func:`select_top_per_sample`
 
+Token weights (how much a kept token counts; ``docs/design.md``, "Weighting"): DFT ->
+:func:`dft_weight`, EAFT -> :func:`eaft_weight` (from :func:`topk_entropy_from_logits`).
+
 RHO-1's excess loss is the same difference with a reference model in place of the history
 model (``loss_current - loss_reference``, so the sign is flipped: high = still to learn).
 """
@@ -63,33 +66,46 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def topk_entropy_from_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Entropy (nats) of the softmax over each row's ``k`` largest logits, renormalized among
+    them: EAFT's cheap stand-in for the predictive entropy. logits (N, V) -> (N,), no grad."""
+    top = logits.detach().topk(min(k, logits.shape[-1]), dim=-1).values               # (N, k)
+    logp = top - torch.logsumexp(top, dim=-1, keepdim=True)
+    return -(logp.exp() * logp).sum(-1)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Per-row NLL of ``h @ W.T`` computed ``chunk`` rows at a time, never holding (N, V) logits.
 
-    Forward keeps only the log-sum-exp per row; backward recomputes each chunk's logits
-    (one extra matmul) so memory stays O(chunk * V) in fp32. Backward visits only the rows
-    whose loss has a non-zero gradient: a token that selection drops (weight 0 in Eq. 10)
-    costs no backward matmul through the vocabulary. Exact up to summation order; a dropped
-    row with non-finite logits gives a zero gradient, not NaN as 0 * NaN would.
+    Forward keeps only the log-sum-exp per row (and, when ``topk`` > 0, the top-k entropy of
+    each row for EAFT, no grad); backward recomputes each chunk's logits (one extra matmul) so
+    memory stays O(chunk * V) in fp32. Backward visits only the rows whose loss has a non-zero
+    gradient: a token that selection drops (weight 0 in Eq. 10) costs no backward matmul
+    through the vocabulary. Exact up to summation order; a dropped row with non-finite logits
+    gives a zero gradient, not NaN as 0 * NaN would.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):  # h (N, H), weight (V, H), targets (N,)
+    def forward(ctx, h, weight, targets, chunk, topk):  # h (N, H), weight (V, H), targets (N,)
         N = h.shape[0]
         acc = _acc_dtype(h)
         loss = torch.empty(N, dtype=acc, device=h.device)
         lse = torch.empty(N, dtype=acc, device=h.device)
+        entropy = torch.zeros(N if topk > 0 else 0, dtype=acc, device=h.device)
         for s in range(0, N, chunk):
             logits = (h[s:s + chunk] @ weight.T).to(acc)                  # (c, V)
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
             tgt = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
             loss[s:s + chunk] = lse[s:s + chunk] - tgt
+            if topk > 0:
+                entropy[s:s + chunk] = topk_entropy_from_logits(logits, topk)
         ctx.save_for_backward(h, weight, targets, lse)
         ctx.chunk = chunk
-        return loss
+        ctx.mark_non_differentiable(entropy)
+        return loss, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss):  # grad_loss (N,)
+    def backward(ctx, grad_loss, _grad_entropy):  # grad_loss (N,)
         h, weight, targets, lse = ctx.saved_tensors
         chunk = ctx.chunk
         grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
@@ -109,18 +125,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w += g.T @ hc.to(acc)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
-def response_token_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
-                          input_ids: torch.Tensor, mask: torch.Tensor,
-                          chunk_size: int = 1024) -> torch.Tensor:
-    """Per-token NLL on R from final hidden states, chunked (the fast path).
+def response_token_stats(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                         input_ids: torch.Tensor, mask: torch.Tensor, chunk_size: int = 1024,
+                         topk: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token NLL on R from final hidden states, chunked (the fast path), and with
+    ``topk`` > 0 the top-k entropy of each of those rows (EAFT), from the same logits.
 
     hidden (B, L, H), lm_head_weight (V, H), input_ids (B, L), mask (B, L) bool of R
-    -> (B, L) float32 (float64 for float64 inputs), zero off R. Only the rows that predict a response token are projected
-    to the vocabulary, ``chunk_size`` rows at a time. Equals :func:`token_losses_from_logits`
-    on R (tested).
+    -> loss (B, L) float32 (float64 for float64 inputs), zero off R; entropy (B, L) or None.
+    Only the rows that predict a response token are projected to the vocabulary,
+    ``chunk_size`` rows at a time. Equals :func:`token_losses_from_logits` and
+    :func:`topk_entropy_from_logits` on R (tested).
     """
     mask = mask.clone()
     mask[:, 0] = False                       # nothing predicts the first token
@@ -128,10 +146,42 @@ def response_token_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
     h = hidden[b, i - 1]                     # (N, H): position i-1 predicts token i
     targets = input_ids[b, i]                # (N,)
     out = torch.zeros(mask.shape, dtype=_acc_dtype(hidden), device=hidden.device)
+    ent = torch.zeros(mask.shape, dtype=_acc_dtype(hidden), device=hidden.device) if topk > 0 else None
     if h.shape[0] == 0:
-        return out + 0.0 * hidden.sum()      # keep the graph connected
-    out = out.index_put((b, i), _LinearCrossEntropy.apply(h, lm_head_weight, targets, chunk_size))
-    return out
+        return out + 0.0 * hidden.sum(), ent  # keep the graph connected
+    loss, entropy = _LinearCrossEntropy.apply(h, lm_head_weight, targets, chunk_size, topk)
+    out = out.index_put((b, i), loss)
+    if ent is not None:
+        ent = ent.index_put((b, i), entropy)
+    return out, ent
+
+
+def response_token_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                          input_ids: torch.Tensor, mask: torch.Tensor,
+                          chunk_size: int = 1024) -> torch.Tensor:
+    """The loss part of :func:`response_token_stats`: (B, L), zero off R."""
+    return response_token_stats(hidden, lm_head_weight, input_ids, mask, chunk_size)[0]
+
+
+# --------------------------------------------------------------------------- token weights
+
+def dft_weight(token_loss: torch.Tensor, min_weight: float = 0.0) -> torch.Tensor:
+    """DFT (Wu et al., "On the Generalization of SFT: A Reinforcement Learning Perspective with
+    Reward Rectification", 2025, arXiv:2508.05629): each token's NLL times its probability
+    with the gradient stopped, ``w = sg(p(x_i)) = exp(-loss(i))``, floored at ``min_weight``
+    (the authors' advice for long data). (B, L), no grad."""
+    return torch.exp(-token_loss.detach()).clamp(min=min_weight)
+
+
+EAFT_ENTROPY_SCALE = 3.0    # the reference's divisor: ~ln 20, the entropy of a uniform top-20
+
+
+def eaft_weight(topk_entropy: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """EAFT (Entropy-Adaptive Fine-Tuning, arXiv:2601.02151), as its reference implementation
+    (merged into LLaMA-Factory by the authors) defines it: ``w = (H_k / 3) ** alpha`` with
+    ``H_k`` the entropy of the softmax over the top-k logits (k = 20 there) and 3 ~ ln 20, so
+    a token the model is confident about (low entropy) counts little. (B, L), no grad."""
+    return (topk_entropy.detach() / EAFT_ENTROPY_SCALE).pow(alpha)
 
 
 # --------------------------------------------------------------------------- excess losses
@@ -273,10 +323,11 @@ def select_random(mask: torch.Tensor, rho: float, generators: list[torch.Generat
     return select_top_per_sample(u, mask, rho)
 
 
-def selected_loss(token_loss: torch.Tensor, keep: torch.Tensor, num_items: torch.Tensor | float) -> torch.Tensor:
-    """Eq. 10: sum of the kept tokens' NLL divided by ``num_items``, the number of kept tokens
-    of the whole optimizer step (all micro-batches and processes)."""
-    return (token_loss * keep).sum() / num_items
+def selected_loss(token_loss: torch.Tensor, weight: torch.Tensor, num_items: torch.Tensor | float) -> torch.Tensor:
+    """Eq. 10: ``sum_i w_i * NLL_i / num_items``, ``num_items`` the number of kept tokens of
+    the whole optimizer step (all micro-batches and processes). ``weight`` (B, L) is the keep
+    mask (w = 1 on kept tokens, Eq. 10 itself) or a weighting's w, zero off the kept tokens."""
+    return (token_loss * weight).sum() / num_items
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:

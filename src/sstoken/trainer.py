@@ -29,7 +29,8 @@ from . import attention
 from .args import SelectionArguments
 from .history import BaseHistory, EMAHistory, eval_mode
 from .methods import Selection, Tokens, get_method
-from .modeling import forward_token_losses, unwrap
+from .weightings import get_weighting
+from .modeling import forward_token_stats, unwrap
 from .io import atomic_write
 from .records import write_scores
 from .scoring import pearson, response_mask, selected_loss
@@ -79,9 +80,12 @@ class SelectionStats:
         if "by_attention" in rec:
             s["attn_driven"] += float(rec["by_attention"].sum())
             s["attn_driven_n"] += 1
+        if "weight" in rec:                     # a weighting: its mean, and the plain NLL beside it
+            s["weight_sum"] += float(rec["weight"][sel.keep].sum())
+            s["nll_sum"] += float(t.loss[sel.keep].sum())
 
     KEYS = ("n", "kept", "resp", "rel_sum", "rel_tokens", "attn_sum", "attn_tokens", "corr_sum",
-            "corr_n", "attn_driven", "attn_driven_n")
+            "corr_n", "attn_driven", "attn_driven_n", "weight_sum", "nll_sum")
 
     def reduce(self, accelerator) -> None:
         """Sum the statistics over every process (each rank saw its own micro-batches)."""
@@ -105,6 +109,9 @@ class SelectionStats:
             out["sel/rel_attn_corr"] = s["corr_sum"] / s["corr_n"]
         if s["attn_driven_n"]:
             out["sel/attn_driven_frac"] = s["attn_driven"] / max(s["kept"], 1)
+        if s["weight_sum"]:
+            out["sel/weight_mean"] = s["weight_sum"] / max(s["kept"], 1)     # over kept tokens
+            out["sel/nll_kept"] = s["nll_sum"] / max(s["kept"], 1)           # unweighted NLL
         self.s = defaultdict(float)
         return out
 
@@ -123,6 +130,7 @@ class SelectionMixin:
                        examples=None) -> None:
         self.sel = selection
         self.method = get_method(selection)
+        self.weighting = get_weighting(selection)
         self.loss_chunk_size = loss_chunk_size
         self.examples = examples
         # We return a loss already normalized over the whole optimizer step.
@@ -247,8 +255,8 @@ class SelectionMixin:
                                           resp, self.loss_chunk_size)
         if needs.attention:
             self.hook.arm(inputs["attention_mask"].bool() & ~resp)          # P: non-pad, not R
-        loss = forward_token_losses(model, inputs["input_ids"], inputs["attention_mask"], resp,
-                                    self.loss_chunk_size)                   # (B, L)
+        loss, entropy = forward_token_stats(model, inputs["input_ids"], inputs["attention_mask"],
+                                            resp, self.loss_chunk_size, self.weighting.topk)  # (B, L)
         t = Tokens(resp=resp, loss=loss.detach(), index=inputs["index"], step=step,
                    max_steps=max_steps, epoch=int(self.state.epoch or 0), seed=self.args.seed,
                    history_loss=history, ref_loss=inputs.get("ref_loss"),
@@ -258,12 +266,15 @@ class SelectionMixin:
         expected = self.method.num_kept(resp, inputs)
         if int(sel.keep.sum()) != expected:
             raise RuntimeError(f"{self.sel.method} kept {int(sel.keep.sum())} tokens, expected {expected}")
+        sel.weight = self.weighting.weights(t.loss, entropy, sel.keep)     # (B, L), 0 off kept
+        if self.sel.weighting != "none":
+            sel.record["weight"] = sel.weight
         return loss, t, sel
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_tok, t, sel = self.forward_select(model, inputs)
         n = sel.keep.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = selected_loss(loss_tok, sel.keep, n)                          # Eq. 10
+        loss = selected_loss(loss_tok, sel.weight, n)                        # Eq. 10, weighted
         if num_items_in_batch is not None and self.args.world_size > 1:
             loss = loss * self.args.world_size                               # DDP averages gradients
         if model.training:

@@ -119,7 +119,8 @@ class DataArguments(TemplateArguments):
 
 @dataclass
 class SelectionArguments:
-    """Token selection: which tokens count (``docs/design.md``, "Methods")."""
+    """Token selection and weighting: which tokens count (``--method``) and how much
+    (``--weighting``) (``docs/design.md``, "Methods", "Weighting")."""
 
     method: str = _h("full, random, rho1, tokencleaning or sstoken (see README, The methods).", "sstoken")
     rho: float = _h("Selection ratio: the fraction of response tokens trained on (0, 1].", 0.6)
@@ -145,6 +146,12 @@ class SelectionArguments:
     tc_mode: str = _h("tokencleaning: fixed (base minus reference loss, offline) or "
                       "self_evolving (contiguous partitions, previous round as reference).", "fixed")
     tc_partitions: int = _h("tokencleaning self_evolving: number of partitions/rounds.", 5)
+    weighting: str = _h("How much each kept token counts: none (1, plain SFT), dft (its "
+                        "probability, Wu et al. 2025) or eaft (its normalized top-k entropy, "
+                        "arXiv:2601.02151). Composes with any --method.", "none")
+    dft_min_weight: float = _h("dft: floor on the weight (the authors' advice for long data).", 0.0)
+    eaft_alpha: float = _h("eaft: exponent of the normalized entropy.", 1.0)
+    eaft_k: int = _h("eaft: the entropy is taken over the top-k logits.", 20)
     save_scores: int = _h("Save per-token scores and keep masks of the first N examples "
                           "(selection.jsonl in the output folder) for `sstoken show`.", 16)
 
@@ -173,6 +180,11 @@ class SelectionArguments:
             c(False, f"--{e}")
         if self.method in METHODS:
             c.problems += METHODS[self.method].check(self)
+        from ..weightings import WEIGHTINGS
+
+        c.choice("weighting", self.weighting, list(WEIGHTINGS))
+        if self.weighting in WEIGHTINGS:
+            c.problems += WEIGHTINGS[self.weighting].check(self)
         c.done()
         if self.scope == "auto" and self.method in METHODS:
             self.scope = METHODS[self.method].default_scope

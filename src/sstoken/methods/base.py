@@ -66,6 +66,7 @@ class Selection:
     keep: torch.Tensor                                        # (B, L) bool, a subset of R
     record: dict[str, torch.Tensor] = field(default_factory=dict)   # per-token fields (B, L)
     gamma: float | None = None                                # the ssToken gamma this step used
+    weight: torch.Tensor | None = None                        # (B, L) the weighting's w, set by the trainer
 
 
 class Method:
