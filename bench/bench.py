@@ -164,12 +164,22 @@ def profile_step(step, device, path: Path, name: str, top: int = 30) -> None:
     print(f"  profile of {name} -> {path}", flush=True)
 
 
-def naive_step_loss(model, batch):
-    """The anchor: HF forward with full logits, fp32 per-token cross-entropy, mean over R."""
+def naive_step_loss(model, batch, weighting="none"):
+    """The anchor: HF forward with full logits, fp32 per-token cross-entropy, mean over R; with
+    ``weighting``, the weight computed from those full logits too, as the trainers that ship
+    DFT / EAFT do (TRL, LLaMA-Factory, axolotl)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     lp = scoring.token_losses_from_logits(logits, batch["input_ids"])
     resp = response_mask(batch["labels"])
-    return (lp * resp).sum() / resp.sum()
+    w = resp.float()
+    if weighting == "dft":
+        w = w * scoring.dft_weight(lp)
+    elif weighting == "eaft":
+        B, L, V = logits.shape
+        ent = torch.zeros_like(lp)
+        ent[:, 1:] = scoring.topk_entropy_from_logits(logits[:, :-1].float().reshape(-1, V), 20).view(B, L - 1)
+        w = w * scoring.eaft_weight(ent)
+    return (lp * w).sum() / resp.sum()
 
 
 def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None):
@@ -183,6 +193,11 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
     variants = [
         ("full (naive: full fp32 logits)", None, batch),
         ("full", SelectionArguments(method="full"), batch),
+        ("full + dft", SelectionArguments(method="full", weighting="dft"), batch),
+        ("full + dft (naive: full fp32 logits)", "dft", batch),
+        ("full + eaft", SelectionArguments(method="full", weighting="eaft"), batch),
+        ("full + eaft (naive: full fp32 logits)", "eaft", batch),
+        ("sstoken (cached history) + dft", SelectionArguments(method="sstoken", weighting="dft"), cached),
         ("random", SelectionArguments(method="random"), batch),
         ("rho1 (cached reference)", SelectionArguments(method="rho1", ref_model="x"), cached),
         ("tokencleaning (precomputed)", SelectionArguments(method="tokencleaning", ref_model="x"), cached),
@@ -200,6 +215,9 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
     rows = []
     for name, sel, inputs in variants:
         trainer = None
+        naive = sel if isinstance(sel, str) or sel is None else None     # a naive weighting
+        if naive is not None:
+            sel = None
         if sel is not None:
             sel.save_scores = 0
             trainer = SelectionTrainer(model=model, args=args, selection=sel, loss_chunk_size=chunk)
@@ -211,7 +229,7 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
             t = [time.perf_counter()]
             if trainer is None:
                 t.append(t[0])                                      # no history forward
-                loss = naive_step_loss(model, inputs)
+                loss = naive_step_loss(model, inputs, naive or "none")
             else:
                 # what compute_loss does, split so the online history forward is timed alone
                 resp = response_mask(inputs["labels"])

@@ -341,3 +341,20 @@ def test_screenshot_script(tmp_path):
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "shot.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_weights_set_the_colour_intensity_in_chromium(tmp_path):
+    """With --weighting, a kept token's background is as intense as its weight (0.15 + 0.85 w),
+    and the tooltip lists the weight; unweighted pages are unchanged."""
+    rec = fake_record(0, n=12)
+    rec["weight"] = [None if not r else (0.5 if k else 0.0) for r, k in zip(rec["response"], rec["keep"])]
+    page = write_html([rec], tmp_path / "w.html")
+    res, _ = chromium(tmp_path, "--dump-dom", page.as_uri())
+    rendered = res.stdout.split('<div id="examples">')[1].split('<div id="tip"')[0]
+    kept = re.findall(r'<span class="tok kept[^"]*" data-i="\d+"([^>]*)>', rendered)
+    assert kept and all("rgba(" in k and ",0.57)" in k for k in kept), kept[:3]
+    assert "style=" not in "".join(re.findall(r'<span class="tok (?:drop|prompt)"[^>]*>', rendered))
+    plain = write_html([fake_record(0, n=12)], tmp_path / "p.html")
+    res, _ = chromium(tmp_path, "--dump-dom", plain.as_uri())
+    rendered = res.stdout.split('<div id="examples">')[1].split('<div id="tip"')[0]
+    assert 'class="tok kept"' in rendered and "style=" not in rendered

@@ -41,10 +41,18 @@ function tokenHtml(t) {
   if (t === '') return '<span class="empty">\u2205</span>';
   return t.split(/\r?\n/).map(esc).join('<span class="nl">\u21b5</span>\n');
 }
+// With --weighting, a kept token's colour is as intense as its weight (0.15 + 0.85 w).
+const KEPT_RGB = {k: '207,226,255', a: '255,216,168'};
+function weightStyle(d, st, i) {
+  const w = d.vals.weight, j = d.ridx[i];
+  if (!w || !(st[i] in KEPT_RGB) || j < 0 || w[j] === null) return '';
+  const a = 0.15 + 0.85 * Math.min(1, Math.max(0, w[j]));
+  return ' style="background-color:rgba(' + KEPT_RGB[st[i]] + ',' + a.toFixed(2) + ')"';
+}
 function spans(r, from, to) {
   const d = decoded(r), st = DATA.runs[r].state;
   let out = '';
-  for (let i = from; i < to; i++) out += '<span class="' + CLS[st[i]] + '" data-i="' + i + '">' + tokenHtml(d.toks[i]) + '</span>';
+  for (let i = from; i < to; i++) out += '<span class="' + CLS[st[i]] + '" data-i="' + i + '"' + weightStyle(d, st, i) + '>' + tokenHtml(d.toks[i]) + '</span>';
   return out;
 }
 function count(s, chars) { let n = 0; for (const c of s) if (chars.includes(c)) n++; return n; }
