@@ -174,6 +174,13 @@ def naive_step_loss(model, batch, weighting="none"):
     w = resp.float()
     if weighting == "dft":
         w = w * scoring.dft_weight(lp)
+    elif weighting == "asft":                 # DFT + 0.1 * KL(base || model), base = adapter off
+        with torch.no_grad(), model.disable_adapter():
+            ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        kl = torch.zeros_like(lp)
+        kl[:, 1:] = torch.nn.functional.kl_div(torch.log_softmax(logits[:, :-1].float(), -1),
+                                               torch.softmax(ref[:, :-1].float(), -1), reduction="none").sum(-1)
+        return (lp * w * scoring.dft_weight(lp) + 0.1 * kl * w).sum() / resp.sum()
     elif weighting == "eaft":
         B, L, V = logits.shape
         ent = torch.zeros_like(lp)
@@ -197,6 +204,8 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
         ("full + dft (naive: full fp32 logits)", "dft", batch),
         ("full + eaft", SelectionArguments(method="full", weighting="eaft"), batch),
         ("full + eaft (naive: full fp32 logits)", "eaft", batch),
+        ("full + asft (online base reference)", SelectionArguments(method="full", weighting="asft"), batch),
+        ("full + asft (naive: full fp32 logits)", "asft", batch),
         ("sstoken (cached history) + dft", SelectionArguments(method="sstoken", weighting="dft"), cached),
         ("random", SelectionArguments(method="random"), batch),
         ("rho1 (cached reference)", SelectionArguments(method="rho1", ref_model="x"), cached),

@@ -21,7 +21,7 @@ def test_bench_tiny_smoke(tmp_path, monkeypatch):
     res = bench.main(["--shape", "tiny", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "32",
                       "--out", str(tmp_path / "B.md"), "--profile", str(tmp_path / "prof.txt")])
     names = [r["variant"] for r in res["steps"]]
-    assert names[:2] == ["full (naive: full fp32 logits)", "full"] and len(names) == 13
+    assert names[:2] == ["full (naive: full fp32 logits)", "full"] and len(names) == 15
     assert "full + eaft (naive: full fp32 logits)" in names and "sstoken (cached history) + dft" in names
     assert all(r["median_s"] > 0 and r["tokens_per_s"] > 0 for r in res["steps"])
     assert all(set(r["phases_s"]) == set(bench.PHASES) for r in res["steps"])

@@ -72,20 +72,33 @@ def test_full_logit_path_gives_the_same_entropy(tiny_dir):
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[1, 9:] = False
     with torch.no_grad():
-        l0, e0 = forward_token_stats(model, ids, torch.ones_like(ids), mask, 0, topk=7)
-        l1, e1 = forward_token_stats(model, ids, torch.ones_like(ids), mask, 3, topk=7)
+        s0 = forward_token_stats(model, ids, torch.ones_like(ids), mask, 0, topk=7)
+        s1 = forward_token_stats(model, ids, torch.ones_like(ids), mask, 3, topk=7)
+    l0, e0, l1, e1 = s0.loss, s0.entropy, s1.loss, s1.entropy
     assert torch.allclose(l0, l1, atol=2e-5) and torch.allclose(e0, e1, atol=2e-5)
     assert (e1[mask & (torch.arange(13) > 0)] > 0).all() and (e1[~mask] == 0).all()
     assert float(e1.max()) <= math.log(7) + 1e-5
+    from sstoken.modeling import decoder_hidden, lm_head_weight
+
+    other = load_model(tiny_dir, "float32")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        ref = (decoder_hidden(other, ids, torch.ones_like(ids)), lm_head_weight(other))
+        k0 = forward_token_stats(model, ids, torch.ones_like(ids), mask, 0, reference=ref).kl
+        k1 = forward_token_stats(model, ids, torch.ones_like(ids), mask, 3, reference=ref).kl
+    assert torch.allclose(k0, k1, atol=2e-5) and float(k1.max()) > 1e-4 and (k1[~mask] == 0).all()
 
 
 def test_registry_and_checks():
     from sstoken.errors import UsageError
 
-    assert list(WEIGHTINGS) == ["none", "dft", "eaft"]
+    assert list(WEIGHTINGS) == ["none", "dft", "eaft", "asft"]
     with pytest.raises(UsageError) as e:
         SelectionArguments(weighting="focal", dft_min_weight=2, eaft_k=1)
-    assert "--weighting must be one of none, dft, eaft" in str(e.value)
+    assert "--weighting must be one of none, dft, eaft, asft" in str(e.value)
+    with pytest.raises(UsageError, match="asft_alpha"):
+        SelectionArguments(weighting="asft", asft_alpha=0)
     with pytest.raises(UsageError, match="dft_min_weight"):
         SelectionArguments(weighting="dft", dft_min_weight=2)
     with pytest.raises(UsageError, match="eaft_k"):
@@ -155,3 +168,72 @@ def test_weighted_run_records_weights_and_logs_plain_nll(tmp_path, tiny_dir, rec
         assert all(w == 0 for w, k, resp in zip(r["weight"], r["keep"], r["response"]) if resp and not k)
     summary = json.loads((out / "sstoken_run.json").read_text())
     assert summary["config"]["weighting"] == "dft"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+def test_chunked_kl_and_gradients_match_full_logits(dtype, chunk):
+    """ASFT's anchor: KL(q || p) per token, q the reference's softmax, as F.kl_div computes it
+    from full logits (the reference implementation), values and gradients."""
+    g = torch.Generator().manual_seed(7)
+    B, L, H, V = 2, 9, 12, 61
+    hidden = torch.randn(B, L, H, generator=g, dtype=dtype)
+    ref_hidden = hidden + 0.3 * torch.randn(B, L, H, generator=g, dtype=dtype)
+    W = torch.randn(V, H, generator=g, dtype=dtype) * 0.5
+    W_ref = W + 0.1 * torch.randn(V, H, generator=g, dtype=dtype)
+    mask = torch.rand(B, L, generator=g) > 0.3
+    weights = torch.rand(B, L, generator=g, dtype=dtype)
+    h1, W1 = hidden.clone().requires_grad_(), W.clone().requires_grad_()
+    zp = h1[:, :-1] @ W1.T
+    zq = ref_hidden[:, :-1] @ W_ref.T
+    kl_ref = torch.zeros(B, L, dtype=dtype)
+    kl_ref[:, 1:] = F.kl_div(torch.log_softmax(zp, -1), torch.softmax(zq, -1), reduction="none").sum(-1)
+    m = mask.clone()
+    m[:, 0] = False
+    kl_ref = torch.where(m, kl_ref, 0.0)
+    (kl_ref * weights).sum().backward()
+    h2, W2 = hidden.clone().requires_grad_(), W.clone().requires_grad_()
+    kl = scoring.response_token_kl(h2, W2, ref_hidden, W_ref, mask, chunk)
+    (kl * weights).sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 3e-5
+    assert torch.allclose(kl, kl_ref.detach(), atol=tol, rtol=0) and (kl[m] > 0).all()
+    assert torch.allclose(h2.grad, h1.grad, atol=tol, rtol=0)
+    assert torch.allclose(W2.grad, W1.grad, atol=tol, rtol=0)
+    same = scoring.response_token_kl(hidden, W, hidden, W, mask, chunk)
+    assert same.abs().max() < tol                                  # KL(p || p) = 0
+
+
+def test_asft_in_the_trainer_against_a_loop(tok):
+    """Full fine-tuning: the reference is the model as it was when the trainer was built (a
+    frozen copy); after the weights move, loss = sum over kept of
+    (sg(p) * NLL + alpha * KL(q || p)) / kept, checked with full logits in a loop."""
+    from test_trainer import make_batch, run_trainer_step, trainer_for
+
+    from sstoken.testing import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama(300, layers=2)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    ex = make_batch(tok)
+    sel = SelectionArguments(method="random", weighting="asft", asft_alpha=0.3, save_scores=0)
+    trainer = trainer_for(model, tok, ex, sel)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loss, keep, _ = run_trainer_step(trainer, tok, ex)
+    policy = tiny_llama(300, layers=2, attn_implementation="eager")
+    policy.load_state_dict(model.state_dict())
+    ref = tiny_llama(300, layers=2, attn_implementation="eager")
+    ref.load_state_dict(base)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b, e in enumerate(ex):
+            ids = torch.tensor([e.input_ids])
+            lp = torch.log_softmax(policy(input_ids=ids).logits[0].double(), -1)
+            lq = torch.log_softmax(ref(input_ids=ids).logits[0].double(), -1)
+            for i in sorted(keep[b]):
+                nll = -float(lp[i - 1, e.input_ids[i]])
+                kl = float((lq[i - 1].exp() * (lq[i - 1] - lp[i - 1])).sum())
+                total += math.exp(-nll) * nll + 0.3 * kl
+                n += 1
+    assert abs(loss - total / n) < 2e-5

@@ -21,7 +21,8 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from .modeling import adapter_disabled, forward_token_losses, is_peft, unwrap
+from .modeling import (adapter_disabled, decoder_hidden, forward_token_losses, is_peft,
+                       lm_head_weight, unwrap)
 
 EMA_FILE = "sstoken_ema.safetensors"
 
@@ -113,6 +114,16 @@ class BaseHistory:
             return forward_token_losses(self.frozen, input_ids, attention_mask, resp, chunk_size)
         with adapter_disabled(model), eval_mode(unwrap(model)):
             return forward_token_losses(unwrap(model), input_ids, attention_mask, resp, chunk_size)
+
+
+    @torch.no_grad()
+    def reference(self, model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base model's final hidden states (B, L, H) and its LM head weight (V, H): what a
+        KL to the base needs (ASFT), without building its logits."""
+        if self.frozen is not None:
+            return decoder_hidden(self.frozen, input_ids, attention_mask), lm_head_weight(self.frozen)
+        with adapter_disabled(model), eval_mode(unwrap(model)):
+            return decoder_hidden(unwrap(model), input_ids, attention_mask), lm_head_weight(model)
 
 
 class EMAHistory:

@@ -11,11 +11,13 @@ use with FSDP/DeepSpeed-3 where the lm_head weight is sharded outside the forwar
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from .embedded import resolve_model
-from .scoring import response_token_stats, token_losses_from_logits, topk_entropy_from_logits
+from .scoring import (response_token_kl, response_token_stats, token_losses_from_logits,
+                      topk_entropy_from_logits)
 
 
 def pick_dtype(name: str) -> torch.dtype:
@@ -89,30 +91,22 @@ def forward_token_losses(model, input_ids: torch.Tensor, attention_mask: torch.T
 
     Gradients flow when grad is enabled. ``chunk_size=0``: the reference path with full logits.
     """
-    return forward_token_stats(model, input_ids, attention_mask, mask, chunk_size)[0]
+    return forward_token_stats(model, input_ids, attention_mask, mask, chunk_size).loss
 
 
-def forward_token_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        mask: torch.Tensor, chunk_size: int = 1024, topk: int = 0,
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One forward: per-token NLL ``(B, L)`` on R and, with ``topk`` > 0, each token's top-k
-    entropy ``(B, L)`` (EAFT) from the same logits, chunk by chunk. ``chunk_size=0``: the
-    reference path with full logits."""
-    if chunk_size <= 0:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits   # (B, L, V)
-        loss = torch.where(mask, token_losses_from_logits(logits, input_ids), 0.0)
-        entropy = None
-        if topk > 0:
-            entropy = torch.zeros_like(loss)
-            B, L, V = logits.shape
-            acc = loss.dtype
-            entropy[:, 1:] = topk_entropy_from_logits(logits[:, :-1].to(acc).reshape(-1, V), topk).view(B, L - 1)
-            entropy = torch.where(mask, entropy, 0.0)
-        return loss, entropy
+@dataclass
+class TokenStats:
+    """What one forward gives per token, all (B, L) and zero off R: the NLL (with grad when
+    grad is on), the top-k entropy (EAFT, no grad) and the KL to a reference (ASFT, with grad)."""
+
+    loss: torch.Tensor
+    entropy: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+
+
+def decoder_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's final hidden states (B, L, H) of one forward, without building logits."""
     lm = causal_lm(model)
-    head = lm.get_output_embeddings()
-    if getattr(head, "bias", None) is not None or getattr(lm.config, "final_logit_softcapping", None):
-        raise ValueError("the chunked loss supports plain linear lm heads; use --loss_chunk_size 0")
     captured = {}
 
     def grab(_module, _inputs, output):
@@ -123,7 +117,49 @@ def forward_token_stats(model, input_ids: torch.Tensor, attention_mask: torch.Te
         model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
     finally:
         handle.remove()
-    return response_token_stats(captured["h"], head.weight, input_ids, mask, chunk_size, topk)
+    return captured["h"]
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The output projection (V, H) of a plain linear LM head (refused otherwise)."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None or getattr(lm.config, "final_logit_softcapping", None):
+        raise ValueError("the chunked loss supports plain linear lm heads; use --loss_chunk_size 0")
+    return head.weight
+
+
+def forward_token_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        mask: torch.Tensor, chunk_size: int = 1024, topk: int = 0,
+                        reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> TokenStats:
+    """One forward: per-token NLL on R and, with ``topk`` > 0, each token's top-k entropy
+    (EAFT), and with ``reference = (its hidden states (B, L, H), its head weight (V, H))`` the
+    per-token ``KL(reference || model)`` (ASFT), all from the same logits, chunk by chunk.
+    ``chunk_size=0``: the reference path with full logits."""
+    if chunk_size <= 0:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits   # (B, L, V)
+        loss = torch.where(mask, token_losses_from_logits(logits, input_ids), 0.0)
+        B, L, V = logits.shape
+        acc = loss.dtype
+        entropy = kl = None
+        if topk > 0:
+            entropy = torch.zeros_like(loss)
+            entropy[:, 1:] = topk_entropy_from_logits(logits[:, :-1].to(acc).reshape(-1, V), topk).view(B, L - 1)
+            entropy = torch.where(mask, entropy, 0.0)
+        if reference is not None:
+            ref_logits = (reference[0][:, :-1] @ reference[1].T).to(acc).detach()
+            kl = torch.zeros_like(loss)
+            kl[:, 1:] = torch.nn.functional.kl_div(torch.log_softmax(logits[:, :-1].to(acc), -1),
+                                                   torch.softmax(ref_logits, -1), reduction="none").sum(-1)
+            kl = torch.where(mask, kl, 0.0)
+        return TokenStats(loss, entropy, kl)
+    weight = lm_head_weight(model)
+    hidden = decoder_hidden(model, input_ids, attention_mask)
+    loss, entropy = response_token_stats(hidden, weight, input_ids, mask, chunk_size, topk)
+    kl = None
+    if reference is not None:
+        kl = response_token_kl(hidden, weight, reference[0], reference[1], mask, chunk_size)
+    return TokenStats(loss, entropy, kl)
 
 
 @contextlib.contextmanager

@@ -226,6 +226,15 @@ def check_launch(model_args: ModelArguments, finetune_args: FinetuneArguments,
         problems.append(f"--finetune full with online base history under {label} needs a frozen "
                         "unsharded copy of the model on every GPU: run `sstoken score` first and "
                         "train with --history_losses auto (the cache)")
+    if name != "ddp" and finetune_args.finetune == "full" and sel_args.weighting == "asft":
+        problems.append(f"--weighting asft with --finetune full under {label} needs a frozen "
+                        "unsharded copy of the base on every GPU; use LoRA (the adapter-disabled "
+                        "network is the reference)")
+    if (finetune_args.finetune == "lora" and model_args.loss_chunk_size > 0 and "lm_head" in
+            [t.strip() for t in finetune_args.lora_target_modules.split(",")]):
+        problems.append("--lora_target_modules lm_head with the chunked loss: the chunked loss "
+                        "projects with the head's base weight; leave lm_head out or use "
+                        "--loss_chunk_size 0")
     if problems:
         raise UsageError(problems)
 

@@ -16,7 +16,8 @@ Equations of the ssToken paper (Qin et al., ICLR 2026, arXiv:2510.18250):
 * Eq. 11  keep the top ``ceil(rho * |R|)`` tokens of each sample   -> :func:`select_top_per_sample`
 
 Token weights (how much a kept token counts; ``docs/design.md``, "Weighting"): DFT ->
-:func:`dft_weight`, EAFT -> :func:`eaft_weight` (from :func:`topk_entropy_from_logits`).
+:func:`dft_weight`, EAFT -> :func:`eaft_weight` (from :func:`topk_entropy_from_logits`),
+ASFT -> DFT plus ``alpha *`` :func:`response_token_kl`.
 
 RHO-1's excess loss is the same difference with a reference model in place of the history
 model (``loss_current - loss_reference``, so the sign is flipped: high = still to learn).
@@ -126,6 +127,73 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None
+
+
+class _LinearKL(torch.autograd.Function):
+    """Per-row ``KL(q || p)`` between a frozen reference ``q = softmax(h_ref @ W_ref.T)`` and the
+    policy ``p = softmax(h @ W.T)``, ``chunk`` rows at a time, never holding (N, V) logits.
+
+    ``KL(q || p) = sum_v q_v (log q_v - log p_v)``; its gradient with respect to the policy's
+    logits is ``p - q``. Forward keeps the policy's log-sum-exp per row; backward recomputes
+    both distributions chunk by chunk, for rows with a non-zero gradient only.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, h_ref, weight_ref, chunk):  # h, h_ref (N, H); weights (V, H)
+        N, acc = h.shape[0], _acc_dtype(h)
+        kl = torch.empty(N, dtype=acc, device=h.device)
+        lse = torch.empty(N, dtype=acc, device=h.device)
+        for s in range(0, N, chunk):
+            zp = (h[s:s + chunk] @ weight.T).to(acc)                        # (c, V)
+            logq = torch.log_softmax((h_ref[s:s + chunk] @ weight_ref.T).to(acc), dim=-1)
+            lse[s:s + chunk] = torch.logsumexp(zp, dim=-1)
+            kl[s:s + chunk] = (logq.exp() * (logq - (zp - lse[s:s + chunk, None]))).sum(-1)
+        ctx.save_for_backward(h, weight, h_ref, weight_ref, lse)
+        ctx.chunk = chunk
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):  # grad_kl (N,)
+        h, weight, h_ref, weight_ref, lse = ctx.saved_tensors
+        acc = _acc_dtype(h)
+        grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        live = (grad_kl != 0).nonzero().squeeze(1)
+        for s in range(0, live.numel(), ctx.chunk):
+            rows = live[s:s + ctx.chunk]
+            hc = h[rows]
+            p = torch.exp((hc @ weight.T).to(acc) - lse[rows, None])                     # (c, V)
+            q = torch.softmax((h_ref[rows] @ weight_ref.T).to(acc), dim=-1)
+            g = (p - q) * grad_kl[rows, None].to(acc)                                      # dKL/dz_p
+            if grad_h is not None:
+                grad_h[rows] = (g.to(weight.dtype) @ weight).to(h.dtype)
+            if grad_w is not None:
+                grad_w += g.T @ hc.to(acc)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def response_token_kl(hidden: torch.Tensor, lm_head_weight: torch.Tensor, ref_hidden: torch.Tensor,
+                      ref_head_weight: torch.Tensor, mask: torch.Tensor,
+                      chunk_size: int = 1024) -> torch.Tensor:
+    """Per-token ``KL(q || p)`` on R between the reference's prediction ``q`` and the policy's
+    ``p`` of token x_i (both made at position i-1), chunked: ASFT's anchor (arXiv:2509.23753).
+
+    hidden, ref_hidden (B, L, H); head weights (V, H); mask (B, L) bool -> (B, L), zero off R,
+    differentiable in ``hidden`` and ``lm_head_weight``. Equals the full-logit
+    ``F.kl_div(log_softmax(z_p), softmax(z_q)).sum(-1)`` (tested).
+    """
+    mask = mask.clone()
+    mask[:, 0] = False
+    b, i = mask.nonzero(as_tuple=True)
+    out = torch.zeros(mask.shape, dtype=_acc_dtype(hidden), device=hidden.device)
+    if b.numel() == 0:
+        return out + 0.0 * hidden.sum()
+    kl = _LinearKL.apply(hidden[b, i - 1], lm_head_weight, ref_hidden[b, i - 1].detach(),
+                         ref_head_weight.detach(), chunk_size)
+    return out.index_put((b, i), kl)
 
 
 def response_token_stats(hidden: torch.Tensor, lm_head_weight: torch.Tensor,

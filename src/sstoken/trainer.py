@@ -83,9 +83,11 @@ class SelectionStats:
         if "weight" in rec:                     # a weighting: its mean, and the plain NLL beside it
             s["weight_sum"] += float(rec["weight"][sel.keep].sum())
             s["nll_sum"] += float(t.loss[sel.keep].sum())
+        if sel.kl is not None:
+            s["kl_sum"] += float(sel.kl.detach()[sel.keep].sum())
 
     KEYS = ("n", "kept", "resp", "rel_sum", "rel_tokens", "attn_sum", "attn_tokens", "corr_sum",
-            "corr_n", "attn_driven", "attn_driven_n", "weight_sum", "nll_sum")
+            "corr_n", "attn_driven", "attn_driven_n", "weight_sum", "nll_sum", "kl_sum")
 
     def reduce(self, accelerator) -> None:
         """Sum the statistics over every process (each rank saw its own micro-batches)."""
@@ -112,6 +114,8 @@ class SelectionStats:
         if s["weight_sum"]:
             out["sel/weight_mean"] = s["weight_sum"] / max(s["kept"], 1)     # over kept tokens
             out["sel/nll_kept"] = s["nll_sum"] / max(s["kept"], 1)           # unweighted NLL
+        if s["kl_sum"]:
+            out["sel/kl_mean"] = s["kl_sum"] / max(s["kept"], 1)             # ASFT: KL to the base
         self.s = defaultdict(float)
         return out
 
@@ -144,6 +148,10 @@ class SelectionMixin:
                 self.add_callback(self.history.callback)
             elif not self._has_cached_history():
                 self.history = BaseHistory(self.model)
+        self.reference = None                  # the frozen base a weighting anchors to (ASFT)
+        if self.weighting.needs_reference:
+            self.reference = self.history if isinstance(self.history, BaseHistory) \
+                else BaseHistory(self.model)
         self.stats = SelectionStats()
         self.records: dict[str, dict] = {}
         self.started, self.seconds_before = time.time(), 0.0   # seconds trained before a resume
@@ -255,8 +263,12 @@ class SelectionMixin:
                                           resp, self.loss_chunk_size)
         if needs.attention:
             self.hook.arm(inputs["attention_mask"].bool() & ~resp)          # P: non-pad, not R
-        loss, entropy = forward_token_stats(model, inputs["input_ids"], inputs["attention_mask"],
-                                            resp, self.loss_chunk_size, self.weighting.topk)  # (B, L)
+        reference = None
+        if self.weighting.needs_reference:              # before the training forward, like history
+            reference = self.reference.reference(model, inputs["input_ids"], inputs["attention_mask"])
+        stats = forward_token_stats(model, inputs["input_ids"], inputs["attention_mask"], resp,
+                                    self.loss_chunk_size, self.weighting.topk, reference)
+        loss = stats.loss                                                    # (B, L) with grad
         t = Tokens(resp=resp, loss=loss.detach(), index=inputs["index"], step=step,
                    max_steps=max_steps, epoch=int(self.state.epoch or 0), seed=self.args.seed,
                    history_loss=history, ref_loss=inputs.get("ref_loss"),
@@ -266,7 +278,8 @@ class SelectionMixin:
         expected = self.method.num_kept(resp, inputs)
         if int(sel.keep.sum()) != expected:
             raise RuntimeError(f"{self.sel.method} kept {int(sel.keep.sum())} tokens, expected {expected}")
-        sel.weight = self.weighting.weights(t.loss, entropy, sel.keep)     # (B, L), 0 off kept
+        sel.weight = self.weighting.weights(t.loss, stats.entropy, sel.keep)   # (B, L), 0 off kept
+        sel.kl = stats.kl                                                    # (B, L) with grad, ASFT
         if self.sel.weighting != "none":
             sel.record["weight"] = sel.weight
         return loss, t, sel
@@ -275,6 +288,8 @@ class SelectionMixin:
         loss_tok, t, sel = self.forward_select(model, inputs)
         n = sel.keep.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = selected_loss(loss_tok, sel.weight, n)                        # Eq. 10, weighted
+        if sel.kl is not None:                                               # ASFT's anchor
+            loss = loss + self.weighting.kl_alpha * selected_loss(sel.kl, sel.keep, n)
         if num_items_in_batch is not None and self.args.world_size > 1:
             loss = loss * self.args.world_size                               # DDP averages gradients
         if model.training:

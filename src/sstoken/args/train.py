@@ -147,9 +147,11 @@ class SelectionArguments:
                       "self_evolving (contiguous partitions, previous round as reference).", "fixed")
     tc_partitions: int = _h("tokencleaning self_evolving: number of partitions/rounds.", 5)
     weighting: str = _h("How much each kept token counts: none (1, plain SFT), dft (its "
-                        "probability, Wu et al. 2025) or eaft (its normalized top-k entropy, "
-                        "arXiv:2601.02151). Composes with any --method.", "none")
-    dft_min_weight: float = _h("dft: floor on the weight (the authors' advice for long data).", 0.0)
+                        "probability, Wu et al. 2025), eaft (its normalized top-k entropy, "
+                        "arXiv:2601.02151) or asft (dft plus a KL anchor to the base model, "
+                        "arXiv:2509.23753). Composes with any --method.", "none")
+    dft_min_weight: float = _h("dft, asft: floor on the weight (the authors' advice for long data).", 0.0)
+    asft_alpha: float = _h("asft: weight of the token-wise KL to the frozen base model.", 0.1)
     eaft_alpha: float = _h("eaft: exponent of the normalized entropy.", 1.0)
     eaft_k: int = _h("eaft: the entropy is taken over the top-k logits.", 20)
     save_scores: int = _h("Save per-token scores and keep masks of the first N examples "

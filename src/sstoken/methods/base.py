@@ -67,6 +67,7 @@ class Selection:
     record: dict[str, torch.Tensor] = field(default_factory=dict)   # per-token fields (B, L)
     gamma: float | None = None                                # the ssToken gamma this step used
     weight: torch.Tensor | None = None                        # (B, L) the weighting's w, set by the trainer
+    kl: torch.Tensor | None = None                            # (B, L) KL to a reference (ASFT), with grad
 
 
 class Method:

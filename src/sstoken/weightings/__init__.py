@@ -6,11 +6,12 @@ selection method.
 
 from __future__ import annotations
 
+from .asft import ASFT
 from .base import Weighting
 from .dft import DFT
 from .eaft import EAFT
 
-WEIGHTINGS: dict[str, type[Weighting]] = {w.name: w for w in (Weighting, DFT, EAFT)}
+WEIGHTINGS: dict[str, type[Weighting]] = {w.name: w for w in (Weighting, DFT, EAFT, ASFT)}
 
 
 def get_weighting(args) -> Weighting:

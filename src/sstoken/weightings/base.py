@@ -5,6 +5,7 @@ kept tokens, with no gradient. The trainer's loss is then (``docs/design.md``, "
 
     loss = sum_{i kept} w_i * NLL_i / (number of kept tokens of the whole optimizer step)
 
+plus ``kl_alpha * sum_{i kept} KL_i / N_step`` for a weighting anchored to a reference (ASFT),
 so ``--weighting none`` (w = 1) is Eq. 10 unchanged, and a weighting composes with any
 selection method (``--method``: which tokens; ``--weighting``: how much). What a weighting
 needs from the forward besides the NLL (EAFT: the top-k entropy of each row) is computed
@@ -22,6 +23,7 @@ class Weighting:
     """Base class and ``none``: every kept token counts 1 (plain SFT, the papers' Eq. 10)."""
 
     name: ClassVar[str] = "none"
+    needs_reference: ClassVar[bool] = False    # a frozen reference's distribution (ASFT)
 
     def __init__(self, args):
         self.args = args
@@ -35,6 +37,11 @@ class Weighting:
     def topk(self) -> int:
         """Top-k entropy the forward must compute for each row (0 = none)."""
         return 0
+
+    @property
+    def kl_alpha(self) -> float:
+        """Weight of the per-token KL to the reference added to the loss (ASFT; 0 = none)."""
+        return 0.0
 
     def weights(self, loss: torch.Tensor, entropy: torch.Tensor | None,
                 keep: torch.Tensor) -> torch.Tensor:
