@@ -189,7 +189,10 @@ def naive_step_loss(model, batch, weighting="none"):
     return (lp * w).sum() / resp.sum()
 
 
-def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None):
+def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None, rounds=1):
+    """Every variant's training step. With ``rounds`` > 1 the whole list is run again, in
+    reverse order every other round, and each variant's median is over all its rounds: a
+    machine whose speed drifts during the run (CPU boost, a neighbour) then skews no variant."""
     from transformers import TrainingArguments
 
     resp = response_mask(batch["labels"])
@@ -221,8 +224,17 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     tokens = int(batch["attention_mask"].sum())
-    rows = []
-    for name, sel, inputs in variants:
+    times_of = {name: [] for name, _, _ in variants}
+    phases_of = {name: {k: [] for k in PHASES} for name, _, _ in variants}
+    mem_of = {}
+    order = []
+    for r in range(rounds):
+        order += [(r, v) for v in (variants if r % 2 == 0 else variants[::-1])]
+    for rnd, (name, sel, inputs) in order:
+        if isinstance(sel, SelectionArguments):
+            import dataclasses
+
+            sel = dataclasses.replace(sel)                       # a fresh copy each round
         trainer = None
         naive = sel if isinstance(sel, str) or sel is None else None     # a naive weighting
         if naive is not None:
@@ -261,7 +273,7 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
             t.append(time.perf_counter())
             return t
 
-        times, phases = [], {k: [] for k in PHASES}
+        times, phases = times_of[name], phases_of[name]
         with trainer.attention_hook() if trainer is not None else contextlib.nullcontext():
             with PeakMemory(device) as mem:
                 for s in range(warmup + steps):
@@ -270,15 +282,21 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
                         times.append(t[-1] - t[0])
                         for k, a, b in zip(PHASES, t, t[1:]):
                             phases[k].append(b - a)
-            if profile_path and name in PROFILED:
+            if profile_path and name in PROFILED and rnd == 0:
                 profile_step(one_step, device, Path(profile_path), name)
-        med = statistics.median(times)
+        mem_of.setdefault(name, mem)
+        med = statistics.median(times[-steps:])
+        print(f"  {name:34s} {med * 1e3:9.1f} ms  {tokens / med:9.0f} tok/s  "
+              f"peak {mem.peak_bytes / 2**30:6.2f} GiB" + (f"  (round {rnd + 1})" if rounds > 1 else ""),
+              flush=True)
+        trainer = None              # free it before the next variant
+    rows = []
+    for name, _, _ in variants:
+        med, mem = statistics.median(times_of[name]), mem_of[name]
         rows.append({"variant": name, "median_s": med, "tokens_per_s": tokens / med,
                      "peak_gib": mem.peak_bytes / 2**30, "extra_gib": mem.extra_bytes / 2**30,
-                     "phases_s": {k: statistics.median(v) for k, v in phases.items()}})
-        print(f"  {name:34s} {med * 1e3:9.1f} ms  {tokens / med:9.0f} tok/s  "
-              f"peak {mem.peak_bytes / 2**30:6.2f} GiB", flush=True)
-        trainer = None              # free it before the next variant
+                     "rounds": rounds,
+                     "phases_s": {k: statistics.median(v) for k, v in phases_of[name].items()}})
     full = next(r for r in rows if r["variant"] == "full")
     for r in rows:
         r["time_ratio"] = r["median_s"] / full["median_s"]
@@ -390,6 +408,9 @@ def main(argv=None):
                    help="override the shape's layer count (tiny/3b), e.g. --shape 3b --layers 1 for a "
                         "CPU smoke of the GPU shape's code path with its full 128k vocabulary")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every variant this many times, reversing the order every other round, "
+                        "and take each variant's median over all (cancels a machine whose speed drifts)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chunk", type=int, default=1024, help="loss chunk size (rows)")
     p.add_argument("--attn-lengths", default=None, help="comma-separated L for the attention micro-benchmark")
@@ -422,7 +443,7 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
            "versions": versions(), "command": "python bench/bench.py " + " ".join(argv or sys.argv[1:])}
     print("[bench] training steps", flush=True)
-    res["steps"] = bench_variants(model, batch, device, a.steps, a.warmup, a.chunk, a.profile)
+    res["steps"] = bench_variants(model, batch, device, a.steps, a.warmup, a.chunk, a.profile, a.rounds)
     print("[bench] scoring pass", flush=True)
     res["score_pass"] = bench_score_pass(model, batch, device, a.steps, a.chunk)
     print("[bench] attention score", flush=True)

@@ -35,6 +35,8 @@ DATA_CASES = {
     "message_missing_content.jsonl": (":2", "must be an object with 'role' and 'content'", 2),
     "empty_messages.jsonl": (":2", "'messages' must be a non-empty list", 2),
     "content_not_string.jsonl": (":3", "must be a string", 2),
+    "negative_weight.jsonl": (":2", "messages[1].weight must be a number >= 0, got -0.5", 2),
+    "overlapping_spans.jsonl": (":2", "messages[1].spans: [0, 6) and [4, 9) overlap", 2),
     "bad_json_list.json": (":4", "invalid JSON", None),
     "json_scalar.json": ("", "expected a JSON list of records", None),
     "json_object_two_lists.json": ("", "expected a JSON list", None),

@@ -35,7 +35,8 @@ def test_tulu_template_and_masking_multi_turn(tok):
     text, spans = render_tulu(msgs, tok.eos_token)
     assert text == ("<|system|>\nBe brief.\n<|user|>\nWhat is 2+3?\n<|assistant|>\nIt is 5."
                     "<|im_end|>\n<|user|>\nAnd 4+5?\n<|assistant|>\nThen 9.<|im_end|>\n")
-    ids, labels = tokenize_messages(msgs, tok)
+    ids, labels, weights = tokenize_messages(msgs, tok)
+    assert weights is None                                   # no weights in the data
     assert tok.decode(ids) == text
     # every assistant turn is trained, nothing else
     assert trained_text(tok, ids, labels) == "It is 5.<|im_end|>\nThen 9.<|im_end|>\n"
@@ -45,7 +46,7 @@ def test_tulu_template_and_masking_multi_turn(tok):
 def test_chat_template_masking(tok):
     msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye now."}]
-    ids, labels = tokenize_messages(msgs, tok, template="chat")
+    ids, labels, _ = tokenize_messages(msgs, tok, template="chat")
     assert "<|im_start|>user" in tok.decode(ids)
     assert trained_text(tok, ids, labels) == "Hello!<|im_end|>\nBye now.<|im_end|>\n"
 
@@ -142,3 +143,92 @@ def test_embedded_gsm8k_records():
     assert len(recs) == 1319
     where, r = recs[0]
     assert "<<" not in r["completion"] and "#### 18" in r["completion"]
+
+
+# --------------------------------------------------------------------------- weights in the data
+
+def token_weights(tok, msgs, template="tulu"):
+    ids, labels, w = tokenize_messages(msgs, tok, template)
+    return ids, labels, w
+
+
+def test_message_weight_trains_only_the_last_turn(tok):
+    msgs = [{"role": "user", "content": "What is 2+3?"},
+            {"role": "assistant", "content": "It is 5.", "weight": 0},
+            {"role": "user", "content": "And 4+5?"},
+            {"role": "assistant", "content": "Then 9."}]
+    ids, labels, w = token_weights(tok, msgs)
+    assert trained_text(tok, ids, labels) == "Then 9.<|im_end|>\n"          # the first turn: context
+    assert {x for x, lab in zip(w, labels) if lab != IGNORE_INDEX} == {1.0}
+    assert all(x == 0 for x, lab in zip(w, labels) if lab == IGNORE_INDEX)
+
+
+def test_spans_weigh_part_of_a_turn_by_the_first_character_rule(tok):
+    content = "Let me think. 2+3 is 5. Answer: 5"
+    span_end = content.index(" Answer")                   # the reasoning: [0, span_end)
+    msgs = [{"role": "user", "content": "Add 2 and 3."},
+            {"role": "assistant", "content": content, "spans": [{"start": 0, "end": span_end, "weight": 0.25}]},
+            {"role": "user", "content": "ok", "weight": 0.5}]
+    ids, labels, w = token_weights(tok, msgs)
+    enc = tok(render_tulu(msgs, tok.eos_token)[0], return_offsets_mapping=True)
+    text = render_tulu(msgs, tok.eos_token)[0]
+    start = text.index(content)
+    for (s, e), x, lab in zip(enc["offset_mapping"], w, labels):
+        if e <= s:
+            continue
+        if start <= s < start + span_end:
+            assert x == 0.25                              # a token whose first character is in the span
+        elif start + span_end <= s < text.index("<|user|>\nok"):
+            assert x == 1.0                               # the rest of the turn, eos and newline
+        elif text[s:e].strip() == "ok":
+            assert x == 0.5 and lab != IGNORE_INDEX        # a weighted user message is trained
+    assert 0.25 in w and 1.0 in w and 0.5 in w
+
+
+def test_spans_follow_the_template_s_stripping_and_the_chat_template(tok):
+    """Offsets are in the content as given (the tulu template strips it; the chat template
+    does not). A token takes the weight of its first character: " sea" starts with the space
+    at offset 5, so the span must start there to weigh it."""
+    for start, want in ((5, "sea"), (6, "")):
+        msgs = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "  the sea is wide",
+                 "spans": [{"start": start, "end": 9, "weight": 2.0}]}]
+        for template in ("tulu", "chat"):
+            ids, labels, w = token_weights(tok, msgs, template)
+            heavy = tok.decode([i for i, x in zip(ids, w) if x == 2.0])
+            assert heavy.strip() == want, (template, start, heavy)
+
+
+@pytest.mark.parametrize("msg, error", [
+    ({"weight": -1}, "messages[1].weight must be a number >= 0, got -1"),
+    ({"weight": "high"}, "must be a number >= 0"),
+    ({"weight": True}, "must be a number >= 0"),
+    ({"spans": {"start": 0}}, "spans must be a list"),
+    ({"spans": [{"start": 0, "end": 2}]}, "must be an object with exactly start, end and weight"),
+    ({"spans": [{"start": 0, "end": 99, "weight": 1}]}, "[0, 99) is out of range for a content of 8"),
+    ({"spans": [{"start": 3, "end": 3, "weight": 1}]}, "out of range"),
+    ({"spans": [{"start": 0.5, "end": 3, "weight": 1}]}, "must be integers"),
+    ({"spans": [{"start": 0, "end": 4, "weight": -2}]}, "spans[0].weight must be a number >= 0"),
+    ({"spans": [{"start": 0, "end": 4, "weight": 1}, {"start": 3, "end": 6, "weight": 1}]}, "[0, 4) and [3, 6) overlap"),
+])
+def test_bad_weights_and_spans_name_file_and_line(tmp_path, tok, msg, error):
+    rec = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "answer 5", **msg}]}
+    p = tmp_path / "w.jsonl"
+    p.write_text('{"prompt": "ok", "completion": "fine"}\n' + json.dumps(rec) + "\n")
+    with pytest.raises(DataError) as e:
+        load_examples(str(p), tok)
+    assert f"{p}:2: " in str(e.value) and error in str(e.value)
+    ex, st = load_examples(str(p), tok, skip_invalid=True)
+    assert len(ex) == 1 and st.invalid == 1
+
+
+def test_weights_travel_with_the_batch(tmp_path, tok):
+    recs = [{"messages": [{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "a b c", "spans": [{"start": 0, "end": 1, "weight": 3.0}]}]},
+            {"prompt": "plain", "completion": "record"}]
+    p = write_jsonl(tmp_path / "w.jsonl", recs)
+    ex, _ = load_examples(p, tok)
+    assert all("data_weight" in e.extra for e in ex)       # filled for the plain record: 1 on R
+    assert ex[1].extra["data_weight"] == [0.0 if x == IGNORE_INDEX else 1.0 for x in ex[1].labels]
+    batch = Collator(tok.pad_token_id)([ExampleDataset(ex)[k] for k in range(2)])
+    assert batch["data_weight"].shape == batch["input_ids"].shape and float(batch["data_weight"].max()) == 3.0

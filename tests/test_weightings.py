@@ -237,3 +237,36 @@ def test_asft_in_the_trainer_against_a_loop(tok):
                 total += math.exp(-nll) * nll + 0.3 * kl
                 n += 1
     assert abs(loss - total / n) < 2e-5
+
+
+@pytest.mark.parametrize("weighting", ["none", "dft"])
+def test_weights_from_the_data_multiply_the_loss(tok, weighting):
+    """Message weights and spans become per-token weights: loss = sum over kept tokens of
+    w_data * w_weighting * NLL / kept tokens (a weight-0 turn is context, not trained)."""
+    from test_trainer import ref_cur_and_attn, run_trainer_step, trainer_for
+
+    from sstoken.data import build_examples
+    from sstoken.testing import tiny_llama
+
+    recs = [{"messages": [{"role": "user", "content": "the sea"},
+                          {"role": "assistant", "content": "is wide and blue", "weight": 0},
+                          {"role": "user", "content": "and the dog"},
+                          {"role": "assistant", "content": "jumps over the lazy fox",
+                           "spans": [{"start": 0, "end": 5, "weight": 0.5}]}]},
+            {"prompt": "what is the answer", "completion": "the answer is 5"}]
+    ex, _ = build_examples(((f"r{k}", r) for k, r in enumerate(recs)), tok)
+    dw = [e.extra["data_weight"] for e in ex]
+    assert 0.5 in dw[0] and set(dw[1]) <= {0.0, 1.0}
+    torch.manual_seed(0)
+    model = tiny_llama(300, layers=2)
+    cur, _ = ref_cur_and_attn(model.state_dict(), ex)
+    sel = SelectionArguments(method="full", weighting=weighting, save_scores=0)
+    loss, keep, _ = run_trainer_step(trainer_for(model, tok, ex, sel), tok, ex)
+    total, n = 0.0, 0
+    for b, e in enumerate(ex):
+        assert keep[b] == {i for i in range(1, len(e.labels)) if e.labels[i] != -100}
+        for i in keep[b]:
+            w = dw[b][i] * (math.exp(-cur[b][i]) if weighting == "dft" else 1.0)
+            total += w * cur[b][i]
+            n += 1
+    assert abs(loss - total / n) < 2e-5

@@ -27,15 +27,17 @@ from safetensors.torch import load_file, save_file
 from .data import Example
 from .io import atomic_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2              # 2: the example hash covers R (labels) too
 
 
 class CacheError(RuntimeError):
     """A cache that does not match the model or data it is used with."""
 
 
-def tokens_hash(input_ids: list[int]) -> str:
-    return hashlib.sha1(json.dumps(input_ids).encode()).hexdigest()[:16]
+def tokens_hash(ex: Example) -> str:
+    """An example's tokens and its response set R (the losses stored are those on R; weights
+    in the data can change R without changing the tokens)."""
+    return hashlib.sha1(json.dumps([ex.input_ids, ex.labels]).encode()).hexdigest()[:16]
 
 
 def model_fingerprint(model_path: str) -> str:
@@ -59,7 +61,7 @@ def data_fingerprint(examples: list[Example]) -> str:
     h = hashlib.sha256()
     for ex in examples:
         h.update(ex.id.encode())
-        h.update(tokens_hash(ex.input_ids).encode())
+        h.update(tokens_hash(ex).encode())
     return h.hexdigest()[:16]
 
 
@@ -86,7 +88,7 @@ class LossCache:
             if ex.id not in self.losses:
                 raise CacheError(f"{self.path}: example {ex.id!r} is not in this cache "
                                  "(different data?); run `sstoken score` again")
-            if self.hashes[ex.id] != tokens_hash(ex.input_ids):
+            if self.hashes[ex.id] != tokens_hash(ex):
                 n_now, n_cached = len(ex.input_ids), len(self.losses[ex.id])
                 size = f"now {n_now} tokens, cached {n_cached}" if n_now != n_cached else \
                     f"the same length ({n_now} tokens), other tokens"
@@ -110,7 +112,7 @@ def write(root: Path, key: str, meta: dict, examples: list[Example],
         offsets = torch.tensor([0] + [len(l) for l in losses], dtype=torch.int64).cumsum(0)
         save_file({"losses": flat.contiguous(), "offsets": offsets}, str(tmp / "losses.safetensors"))
         (tmp / "examples.json").write_text(json.dumps(
-            [{"id": ex.id, "tokens": tokens_hash(ex.input_ids)} for ex in examples]))
+            [{"id": ex.id, "tokens": tokens_hash(ex)} for ex in examples]))
         meta = {**meta, "format": FORMAT_VERSION, "key": key, "examples": len(examples),
                 "tokens": int(flat.numel()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

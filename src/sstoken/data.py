@@ -30,6 +30,7 @@ from .scoring import IGNORE_INDEX
 from .sources import BadRecord, Where, read_records, where_text
 
 ROLES = ("system", "user", "assistant")
+DATA_WEIGHT = "data_weight"      # Example.extra: per-token training weights given in the data
 TEMPLATES = ("tulu", "chat")
 
 
@@ -99,7 +100,9 @@ def to_messages(rec: Any, where: str) -> list[dict[str, str]]:
                 raise DataError(f"{where}: messages[{k}] must be an object with 'role' and 'content'")
             if m["role"] not in ROLES:
                 raise DataError(f"{where}: messages[{k}] has role {m['role']!r}; expected one of {ROLES}")
-            out.append({"role": m["role"], "content": text(f"messages[{k}].content", m["content"])})
+            msg = {"role": m["role"], "content": text(f"messages[{k}].content", m["content"])}
+            msg.update(_message_weights(m, msg["content"], f"{where}: messages[{k}]"))
+            out.append(msg)
         if not any(m["role"] == "assistant" for m in out):
             raise DataError(f"{where}: no assistant message to train on")
         if out[0]["role"] == "assistant":
@@ -118,6 +121,46 @@ def to_messages(rec: Any, where: str) -> list[dict[str, str]]:
                     "'prompt'/'completion' or 'instruction'/'input'/'output'")
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _message_weights(m: dict, content: str, where: str) -> dict:
+    """A message's optional ``"weight"`` (a number >= 0) and ``"spans"`` (a list of
+    ``{"start", "end", "weight"}`` over character offsets of its content, 0 <= start < end <=
+    len(content), not overlapping), checked; ``{}`` when it has neither."""
+    out = {}
+    if "weight" in m:
+        w = m["weight"]
+        if not _number(w) or w < 0:
+            raise DataError(f"{where}.weight must be a number >= 0, got {w!r}")
+        out["weight"] = float(w)
+    if "spans" in m:
+        spans = m["spans"]
+        if not isinstance(spans, list):
+            raise DataError(f"{where}.spans must be a list of {{\"start\", \"end\", \"weight\"}}")
+        checked = []
+        for j, sp in enumerate(spans):
+            at = f"{where}.spans[{j}]"
+            if not isinstance(sp, dict) or set(sp) != {"start", "end", "weight"}:
+                raise DataError(f"{at} must be an object with exactly start, end and weight")
+            a, b, w = sp["start"], sp["end"], sp["weight"]
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (a, b)):
+                raise DataError(f"{at}: start and end must be integers (character offsets)")
+            if not 0 <= a < b <= len(content):
+                raise DataError(f"{at}: [{a}, {b}) is out of range for a content of {len(content)} "
+                                "characters (0 <= start < end <= length)")
+            if not _number(w) or w < 0:
+                raise DataError(f"{at}.weight must be a number >= 0, got {w!r}")
+            checked.append((a, b, float(w)))
+        checked.sort()
+        for (a1, b1, _), (a2, b2, _) in zip(checked, checked[1:]):
+            if a2 < b1:
+                raise DataError(f"{where}.spans: [{a1}, {b1}) and [{a2}, {b2}) overlap")
+        out["spans"] = checked
+    return out
+
+
 def example_id(rec: Any, messages: list[dict[str, str]]) -> str:
     """The record's own ``id`` if it has one, else a content hash of its messages."""
     if isinstance(rec, dict) and rec.get("id") not in (None, ""):
@@ -128,72 +171,132 @@ def example_id(rec: Any, messages: list[dict[str, str]]) -> str:
 
 # --------------------------------------------------------------------------- templates
 
-def render_tulu(messages: list[dict[str, str]], eos_token: str) -> tuple[str, list[tuple[int, int]]]:
-    """The tulu template (open-instruct, used by the paper) and the assistant character spans.
+@dataclass
+class Region:
+    """Where message k sits in the rendered text: its content at ``[start, end)`` (after the
+    template's own stripping, which drops ``offset`` leading characters of the given content),
+    and, for a trained turn, the whole trained text ``[train_start, train_end)`` (an assistant
+    turn's content plus the template's end-of-turn text)."""
 
-    ``<|system|>\\n{c}\\n`` / ``<|user|>\\n{c}\\n`` / ``<|assistant|>\\n{c}{eos}\\n``; the trained span
-    of an assistant turn is its content, the eos and the newline after it.
+    start: int
+    end: int
+    offset: int = 0
+    train_start: int | None = None
+    train_end: int | None = None
+
+
+def render_tulu(messages: list[dict[str, str]], eos_token: str) -> tuple[str, list[Region]]:
+    """The tulu template (open-instruct, used by the paper) and where each message went.
+
+    ``<|system|>\\n{c}\\n`` / ``<|user|>\\n{c}\\n`` / ``<|assistant|>\\n{c}{eos}\\n``; the trained
+    text of an assistant turn is its content, the eos and the newline after it.
     """
-    text, spans = "", []
+    text, regions = "", []
     for m in messages:
+        content = m["content"].strip()
+        offset = len(m["content"]) - len(m["content"].lstrip())
+        text += f"<|{m['role']}|>\n"
+        start = len(text)
+        text += content
+        end = len(text)
         if m["role"] == "assistant":
-            text += "<|assistant|>\n"
-            start = len(text)
-            text += m["content"].strip() + eos_token + "\n"
-            spans.append((start, len(text)))
+            text += eos_token + "\n"
+            regions.append(Region(start, end, offset, start, len(text)))
         else:
-            text += f"<|{m['role']}|>\n" + m["content"].strip() + "\n"
-    return text, spans
+            text += "\n"
+            regions.append(Region(start, end, offset))
+    return text, regions
 
 
-def render_chat_template(messages: list[dict[str, str]], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The tokenizer's own chat template; assistant spans found by rendering prefixes.
+def render_chat_template(messages: list[dict[str, str]], tokenizer) -> tuple[str, list[Region]]:
+    """The tokenizer's own chat template; each turn found by rendering prefixes.
 
     For assistant turn k, ``render(messages[:k], add_generation_prompt=True)`` must be a prefix
-    of ``render(messages[:k+1])``; the span between them is the trained text. Templates that
-    rewrite earlier turns (so the prefix property fails) are rejected with an error.
+    of ``render(messages[:k+1])``; the text between them is trained. Templates that rewrite
+    earlier turns (so the prefix property fails) are rejected with an error. A message's
+    content is located inside its turn (needed for weights and spans).
     """
     def render(msgs, gen):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
     full = render(messages, False)
-    spans = []
+    regions = []
     for k, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = render(messages[:k], True)
+        lo = len(render(messages[:k], False)) if k else 0
         upto = render(messages[: k + 1], False)
-        if not full.startswith(upto) or not upto.startswith(before):
+        if not full.startswith(upto):
             raise DataError("the tokenizer's chat template is not prefix-consistent; use --template tulu")
-        spans.append((len(before), len(upto)))
-    return full, spans
+        content = m["content"]
+        at = full.find(content, lo, len(upto))
+        stripped, offset = content, 0
+        if at < 0:                                  # a template that strips the content
+            stripped = content.strip()
+            offset = len(content) - len(content.lstrip())
+            at = full.find(stripped, lo, len(upto))
+        start, end = (at, at + len(stripped)) if at >= 0 else (None, None)
+        region = Region(start, end, offset)
+        if m["role"] == "assistant":
+            before = render(messages[:k], True)
+            if not upto.startswith(before):
+                raise DataError("the tokenizer's chat template is not prefix-consistent; use --template tulu")
+            region.train_start, region.train_end = len(before), len(upto)
+        regions.append(region)
+    return full, regions
 
 
-def tokenize_messages(messages: list[dict[str, str]], tokenizer, template: str = "tulu",
-                      ) -> tuple[list[int], list[int]]:
-    """Render, tokenize and label one sample: ``(input_ids, labels)``, labels -100 off R.
+def char_weights(messages: list[dict], regions: list[Region], n: int) -> list[float]:
+    """The training weight of every character of the rendered text (length ``n``): an
+    assistant turn's trained text 1, or its ``"weight"``; another message's content 0, or its
+    ``"weight"``; a span inside a message's content its own weight; everything else 0."""
+    w = [0.0] * n
+    for m, r in zip(messages, regions):
+        default = m.get("weight", 1.0 if m["role"] == "assistant" else 0.0)
+        if r.train_start is not None:
+            w[r.train_start:r.train_end] = [default] * (r.train_end - r.train_start)
+        elif "weight" in m:
+            if r.start is None:
+                raise DataError("the chat template changes the message text, so its weight cannot "
+                                "be placed; use --template tulu")
+            w[r.start:r.end] = [default] * (r.end - r.start)
+        for sp in m.get("spans", ()):
+            a, b, sw = (sp["start"], sp["end"], sp["weight"]) if isinstance(sp, dict) else sp
+            if r.start is None:
+                raise DataError("the chat template changes the message text, so its spans cannot "
+                                "be placed; use --template tulu")
+            a, b = max(a - r.offset, 0), min(b - r.offset, r.end - r.start)
+            w[r.start + a:r.start + b] = [sw] * max(b - a, 0)
+    return w
 
-    A token belongs to R when its first character lies inside an assistant span (needs a
-    fast tokenizer's offset mapping). Special tokens added by the tokenizer (e.g. BOS) have
-    empty offsets and stay masked.
+
+def tokenize_messages(messages: list[dict], tokenizer, template: str = "tulu",
+                      ) -> tuple[list[int], list[int], list[float] | None]:
+    """Render, tokenize and label one sample: ``(input_ids, labels, weights)``, labels -100
+    off R; ``weights`` (the per-token training weight from the data) is None unless a message
+    carries ``"weight"`` or ``"spans"``.
+
+    A token takes the weight of the character its first character is (needs a fast
+    tokenizer's offset mapping); it is in R when that weight is > 0. Without weights in the
+    data, that is: a token belongs to R when its first character lies inside an assistant
+    turn's trained text. Special tokens added by the tokenizer (e.g. BOS) have empty offsets
+    and stay masked.
     """
     if template == "tulu":
-        text, spans = render_tulu(messages, tokenizer.eos_token or "")
+        text, regions = render_tulu(messages, tokenizer.eos_token or "")
         add_special = True
     elif template == "chat":
-        text, spans = render_chat_template(messages, tokenizer)
+        text, regions = render_chat_template(messages, tokenizer)
         add_special = False
     else:
         raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+    cw = char_weights(messages, regions, len(text))
     enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
     input_ids = list(enc["input_ids"])
-    labels = []
-    for tok, (s, e) in zip(input_ids, enc["offset_mapping"]):
-        inside = e > s and any(a <= s < b for a, b in spans)
-        labels.append(tok if inside else IGNORE_INDEX)
-    if labels:
-        labels[0] = IGNORE_INDEX          # nothing predicts the first token
-    return input_ids, labels
+    weights = [cw[s] if e > s else 0.0 for s, e in enc["offset_mapping"]]
+    if weights:
+        weights[0] = 0.0                  # nothing predicts the first token
+    labels = [tok if w > 0 else IGNORE_INDEX for tok, w in zip(input_ids, weights)]
+    weighted = any("weight" in m or "spans" in m for m in messages)
+    return input_ids, labels, (weights if weighted else None)
 
 
 def build_examples(records: Iterable[tuple[str, Any]], tokenizer, *, template: str = "tulu",
@@ -213,6 +316,10 @@ def build_examples(records: Iterable[tuple[str, Any]], tokenizer, *, template: s
             if isinstance(rec, BadRecord):
                 raise DataError(f"{where}: {rec.reason}")
             messages = to_messages(rec, where)
+            try:
+                input_ids, labels, weights = tokenize_messages(messages, tokenizer, template)
+            except DataError as e:
+                raise DataError(f"{where}: {e}") from None
         except DataError as e:
             if not skip_invalid:
                 raise
@@ -221,10 +328,10 @@ def build_examples(records: Iterable[tuple[str, Any]], tokenizer, *, template: s
             stats.skipped.append({"file": w.file, "line": w.line, "record": w.record,
                                   "reason": str(e).removeprefix(f"{where}: ")})
             continue
-        input_ids, labels = tokenize_messages(messages, tokenizer, template)
         if len(input_ids) > max_seq_length:
             stats.truncated += 1
             input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
+            weights = weights[:max_seq_length] if weights is not None else None
         if all(x == IGNORE_INDEX for x in labels):
             stats.dropped_no_response += 1
             continue
@@ -235,10 +342,15 @@ def build_examples(records: Iterable[tuple[str, Any]], tokenizer, *, template: s
         else:
             seen[eid] = 0
         ex = Example(eid, input_ids, labels)
+        if weights is not None:
+            ex.extra[DATA_WEIGHT] = weights
         examples.append(ex)
         stats.examples += 1
         stats.tokens += len(input_ids)
         stats.response_tokens += ex.num_response_tokens
+    if any(DATA_WEIGHT in e.extra for e in examples):     # one batch needs the field for all
+        for e in examples:
+            e.extra.setdefault(DATA_WEIGHT, [0.0 if x == IGNORE_INDEX else 1.0 for x in e.labels])
     return examples, stats
 
 

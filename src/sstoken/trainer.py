@@ -27,6 +27,7 @@ from transformers import Trainer
 
 from . import attention
 from .args import SelectionArguments
+from .data import DATA_WEIGHT
 from .history import BaseHistory, EMAHistory, eval_mode
 from .methods import Selection, Tokens, get_method
 from .weightings import get_weighting
@@ -279,8 +280,10 @@ class SelectionMixin:
         if int(sel.keep.sum()) != expected:
             raise RuntimeError(f"{self.sel.method} kept {int(sel.keep.sum())} tokens, expected {expected}")
         sel.weight = self.weighting.weights(t.loss, stats.entropy, sel.keep)   # (B, L), 0 off kept
+        if DATA_WEIGHT in inputs:                                            # weights given in the data
+            sel.weight = sel.weight * inputs[DATA_WEIGHT].to(sel.weight.dtype)
         sel.kl = stats.kl                                                    # (B, L) with grad, ASFT
-        if self.sel.weighting != "none":
+        if self.sel.weighting != "none" or DATA_WEIGHT in inputs:
             sel.record["weight"] = sel.weight
         return loss, t, sel
 
