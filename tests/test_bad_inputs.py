@@ -225,3 +225,56 @@ def test_failed_eval_leaves_no_folder(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sstoken.evaluation, "evaluate", broken)
     rc, text = run(["eval", "--model", tiny_dir, "--output_dir", str(tmp_path / "ev")], capsys)
     assert rc == 1 and "no .arrow files" in text and not (tmp_path / "ev").exists()
+
+
+def test_more_option_misuse(tiny_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rho: 0.5\nmax_samples: null\nlearning_rate: null\n")
+    base = ["train", "--model", tiny_dir, "--data", str(CORPUS / "bom.jsonl"), "--use_cpu", "true",
+            "--output_dir", str(tmp_path / "o")]
+    for extra, msg in [([f"--config={cfg}"], "option learning_rate has no value (null)"),
+                       (["--conf", str(cfg)], "write --config in full"),
+                       (["--remove_unused_columns", "true"], "--remove_unused_columns must stay false"),
+                       (["--eval_strategy", "steps"], "`sstoken train` has no evaluation set"),
+                       (["--lora_target_modules", "q_proj,lm_head"], "--lora_target_modules lm_head")]:
+        rc, text = run([*base, *extra], capsys)
+        assert rc == 2 and msg in text and "Traceback" not in text, (extra, text)
+    assert not (tmp_path / "o").exists()
+    cfg.write_text("rho: 0.5\nmax_samples: null\n")                 # null for a None default is fine
+    from sstoken.args import parse
+
+    assert parse("train", [f"--config={cfg}"])[3].rho == 0.5
+
+
+def test_a_step_that_keeps_nothing_leaves_the_weights_finite(tok, tmp_path):
+    import torch
+    from transformers import TrainingArguments
+
+    from sstoken.args import SelectionArguments
+    from sstoken.data import Collator, ExampleDataset, build_examples
+    from sstoken.testing import tiny_llama
+    from sstoken.trainer import SelectionTrainer
+
+    ex, _ = build_examples(((f"r{k}", {"prompt": "the sea", "completion": "is wide and blue"}) for k in range(4)), tok)
+    for e in ex:
+        e.extra["keep"] = [0.0] * len(e.input_ids)               # TokenCleaning kept none of them
+    model = tiny_llama(len(tok))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", remove_unused_columns=False,
+                             use_cpu=True, max_steps=1, per_device_train_batch_size=4, learning_rate=0.1)
+    t = SelectionTrainer(model=model, args=args, train_dataset=ExampleDataset(ex),
+                         data_collator=Collator(tok.pad_token_id), processing_class=tok,
+                         selection=SelectionArguments(method="tokencleaning", ref_model="x", save_scores=0))
+    t.train()
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all() and torch.equal(p, before[n]), n
+
+
+def test_chat_template_weights_find_the_content_not_the_role_header(tok):
+    from sstoken.data import tokenize_messages
+
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "a", "spans": [{"start": 0, "end": 1, "weight": 3.0}]}]
+    ids, labels, w = tokenize_messages(msgs, tok, template="chat")
+    heavy = [tok.decode([i]) for i, x in zip(ids, w) if x == 3.0]
+    assert heavy == ["a"]                                 # not the "a" of "<|im_start|>assistant"

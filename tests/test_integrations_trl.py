@@ -153,3 +153,10 @@ def test_core_imports_without_trl():
                        env={"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0 and "hint True" in p.stdout, p.stderr
 
+
+
+def test_evaluation_reports_the_plain_loss(tok):
+    t = SSTokenSFTTrainer(model=tiny_llama(len(tok)), args=config(method="sstoken", eval_strategy="no"),
+                          train_dataset=dataset(), eval_dataset=dataset(n=4, seed=9), processing_class=tok)
+    metrics = t.evaluate()
+    assert metrics["eval_loss"] > 0 and metrics["eval_loss"] == metrics["eval_loss"]

@@ -38,3 +38,12 @@ def test_sweep_expansion_and_resume(tmp_path, tiny_dir, records):
     mtime = (tmp_path / "sw" / "runs" / "full-seed0" / "sstoken_run.json").stat().st_mtime_ns
     run_sweep(str(tmp_path / "s.yaml"))                          # resumed: nothing is redone
     assert (tmp_path / "sw" / "runs" / "full-seed0" / "sstoken_run.json").stat().st_mtime_ns == mtime
+
+
+def test_weightings_get_their_own_run_names():
+    from sstoken.sweep import check_spec, expand
+
+    spec = {"grid": [{"method": "full"}, {"method": "full", "weighting": ["dft", "asft"]},
+                     {"method": "sstoken", "weighting": "dft"}], "seeds": [0]}
+    assert [r["name"] for r in expand(check_spec(spec, "s.yaml"))] == \
+        ["full-seed0", "full-weightingdft-seed0", "full-weightingasft-seed0", "sstoken-weightingdft-seed0"]

@@ -213,27 +213,32 @@ def render_chat_template(messages: list[dict[str, str]], tokenizer) -> tuple[str
 
     For assistant turn k, ``render(messages[:k], add_generation_prompt=True)`` must be a prefix
     of ``render(messages[:k+1])``; the text between them is trained. Templates that rewrite
-    earlier turns (so the prefix property fails) are rejected with an error. A message's
-    content is located inside its turn (needed for weights and spans).
+    earlier turns (so the prefix property fails) are rejected with an error. Where a message's
+    content starts (for weights and spans) is found by rendering the same turn with a marker
+    in place of its content, so a role header that happens to contain the content's text is
+    never mistaken for it.
     """
+    import jinja2
+
     def render(msgs, gen):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except jinja2.TemplateError as e:
+            raise DataError(f"the tokenizer's chat template fails on this record ({e})") from None
 
     full = render(messages, False)
     regions = []
+    marker = "\u2063sstoken-content\u2063"
     for k, m in enumerate(messages):
-        lo = len(render(messages[:k], False)) if k else 0
         upto = render(messages[: k + 1], False)
         if not full.startswith(upto):
             raise DataError("the tokenizer's chat template is not prefix-consistent; use --template tulu")
-        content = m["content"]
-        at = full.find(content, lo, len(upto))
-        stripped, offset = content, 0
-        if at < 0:                                  # a template that strips the content
-            stripped = content.strip()
+        at = render(messages[:k] + [dict(m, content=marker)], False).find(marker)
+        content, offset = m["content"], 0
+        if at >= 0 and not full.startswith(content, at):          # a template that strips it
             offset = len(content) - len(content.lstrip())
-            at = full.find(stripped, lo, len(upto))
-        start, end = (at, at + len(stripped)) if at >= 0 else (None, None)
+            content = content.strip()
+        start, end = (at, at + len(content)) if at >= 0 and full.startswith(content, at) else (None, None)
         region = Region(start, end, offset)
         if m["role"] == "assistant":
             before = render(messages[:k], True)

@@ -26,7 +26,8 @@ def run_demo(data_args: DataArguments, sel_args: SelectionArguments,
     out = Path(output_dir)
     model_args = ModelArguments(model=EMBEDDED_MODEL)
     finetune = FinetuneArguments()
-    train_args = TrainArguments(output_dir=str(out / "adapter"), **DEMO_TRAINING)
+    train_args = TrainArguments(output_dir=str(out / "adapter"), overwrite_output_dir=True,  # its own folder
+                                **DEMO_TRAINING)
     s = train(model_args, finetune, data_args, sel_args, train_args)
     merged = merge(model_args, s["output_dir"], str(out / "merged"))
     kept = [k for k in s["kept_frac"] if k is not None]

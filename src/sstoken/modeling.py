@@ -121,12 +121,24 @@ def decoder_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
 
 
 def lm_head_weight(model) -> torch.Tensor:
-    """The output projection (V, H) of a plain linear LM head (refused otherwise)."""
+    """The output projection (V, H) of a plain linear LM head, refused (with what to do) when
+    the chunked loss would be wrong: a LoRA adapter on the head (the projection would skip it),
+    a sharded head (ZeRO-3, FSDP: the weight is not whole outside the engine's forward), a
+    bias or logit soft-capping."""
+    from .errors import UsageError
+
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
+    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
+        raise UsageError("a LoRA adapter on lm_head: the chunked loss projects with the head's "
+                         "base weight; leave lm_head out of the LoRA targets or use --loss_chunk_size 0")
     if getattr(head, "bias", None) is not None or getattr(lm.config, "final_logit_softcapping", None):
-        raise ValueError("the chunked loss supports plain linear lm heads; use --loss_chunk_size 0")
-    return head.weight
+        raise UsageError("the chunked loss supports plain linear lm heads; use --loss_chunk_size 0")
+    weight = head.weight
+    if weight.numel() == 0 or type(weight).__name__ == "DTensor":
+        raise UsageError("the lm_head weight is sharded (ZeRO-3 or FSDP): the chunked loss needs "
+                         "it whole; use --loss_chunk_size 0")
+    return weight
 
 
 def forward_token_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -149,9 +149,9 @@ def _clear_earlier_run(out: Path) -> None:
 
     for p in list(out.iterdir()) if out.is_dir() else []:
         if p.is_dir() and (p.name.startswith("checkpoint-") or p.name.startswith("round")):
-            shutil.rmtree(p)
+            shutil.rmtree(p, ignore_errors=True)
         elif p.name in RUN_FILES or p.name in ("adapter_config.json", "config.json"):
-            p.unlink()
+            p.unlink(missing_ok=True)
 
 
 def check_model(model_args: ModelArguments, sel_args: SelectionArguments | None = None) -> None:
@@ -264,7 +264,7 @@ def train(model_args: ModelArguments, finetune_args: FinetuneArguments, data_arg
                              "run `sstoken score` with the same model and data first")
         for k, v in facts.items():
             log(f"{k.replace('_', ' ')}: {v}")
-        if resume is None and train_args.overwrite_output_dir:
+        if resume is None and train_args.overwrite_output_dir and is_main_process():
             _clear_earlier_run(out_dir)
         facts["skipped"] = str(write_skipped(stats, out_dir)) if stats.skipped else None
         if getattr(method, "self_evolving", False):

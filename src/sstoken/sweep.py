@@ -67,7 +67,8 @@ def expand(spec: dict) -> list[dict]:
         values = [v if isinstance(v, list) else [v] for v in entry.values()]
         for combo in itertools.product(*values):
             opts = dict(zip(keys, combo))
-            varying = [k for k, v in zip(keys, values) if len(v) > 1 or k in ("gamma", "rho", "attn_layer")]
+            varying = [k for k, v in zip(keys, values)
+                       if len(v) > 1 or k in ("gamma", "rho", "attn_layer", "weighting")]
             points.append((opts["method"] + "".join(f"-{k}{_fmt(opts[k])}" for k in varying
                                                     if k != "method"), opts))
     runs, seen = [], set()

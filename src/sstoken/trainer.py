@@ -90,12 +90,16 @@ class SelectionStats:
     KEYS = ("n", "kept", "resp", "rel_sum", "rel_tokens", "attn_sum", "attn_tokens", "corr_sum",
             "corr_n", "attn_driven", "attn_driven_n", "weight_sum", "nll_sum", "kl_sum")
 
-    def reduce(self, accelerator) -> None:
-        """Sum the statistics over every process (each rank saw its own micro-batches)."""
+    def reduced(self, accelerator) -> dict[str, float]:
+        """The statistics summed over every process (a collective call)."""
         t = torch.tensor([self.s[k] for k in self.KEYS], dtype=torch.float64,
                          device=accelerator.device)
         t = accelerator.reduce(t, reduction="sum")
-        self.s = defaultdict(float, zip(self.KEYS, t.tolist()))
+        return dict(zip(self.KEYS, t.tolist()))
+
+    def reduce(self, accelerator) -> None:
+        """Sum the statistics over every process (each rank saw its own micro-batches)."""
+        self.s = defaultdict(float, self.reduced(accelerator))
 
     def pop(self) -> dict[str, float]:
         """The statistics since the last call (over every process once reduced), then reset."""
@@ -191,6 +195,11 @@ class SelectionMixin:
         if resume_from_checkpoint:
             if not isinstance(resume_from_checkpoint, str):
                 resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    from .errors import UsageError
+
+                    raise UsageError(f"resume_from_checkpoint=True: {self.args.output_dir} has no "
+                                     "complete checkpoint (trainer_state.json and sstoken_state.json)")
             self.load_extra_state(resume_from_checkpoint)
         with self.attention_hook():
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -200,12 +209,13 @@ class SelectionMixin:
         """sstoken's state into a checkpoint folder. Every rank calls it (the records are
         gathered from all of them); the main process writes."""
         records = self.all_records()
-        if not self.is_world_process_zero():
+        stats = self.stats.reduced(self.accelerator) if self.args.world_size > 1 else dict(self.stats.s)
+        if not self.args.should_save:
             return
         if self.ema is not None:
             self.ema.save(folder)
         state = {"seconds": self.seconds_before + time.time() - self.started,
-                 "stats": dict(self.stats.s), "records": records}
+                 "stats": stats, "records": records}
         atomic_write(Path(folder) / STATE_FILE, json.dumps(state))
 
     def all_records(self) -> dict[str, dict]:
@@ -232,7 +242,8 @@ class SelectionMixin:
                                     "(written by another tool, or incomplete)")
         state = json.loads(path.read_text())
         self.seconds_before = state["seconds"]
-        self.stats.s.update(state["stats"])
+        if self.is_world_process_zero():       # the saved statistics are already over all ranks
+            self.stats.s.update(state["stats"])
         self.records = state["records"]
 
     def _save_rng_state(self, output_dir):
@@ -249,7 +260,7 @@ class SelectionMixin:
         n = torch.tensor(kept, dtype=torch.float32, device=device)
         if self.args.world_size > 1:
             n = self.accelerator.gather(n).sum()
-        return batch_samples, n
+        return batch_samples, n.clamp(min=1)       # a step that keeps nothing: loss 0, not 0/0
 
     # ------------------------------------------------------------------ the loss
     def forward_select(self, model, inputs) -> tuple[torch.Tensor, Tokens, Selection]:
@@ -288,6 +299,12 @@ class SelectionMixin:
         return loss, t, sel
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:                 # evaluation: the plain NLL of every response token
+            resp = response_mask(inputs["labels"])
+            loss_tok = forward_token_stats(model, inputs["input_ids"], inputs["attention_mask"],
+                                           resp, self.loss_chunk_size).loss
+            loss = selected_loss(loss_tok, resp.to(loss_tok.dtype), resp.sum().clamp(min=1))
+            return (loss, None) if return_outputs else loss
         loss_tok, t, sel = self.forward_select(model, inputs)
         n = sel.keep.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = selected_loss(loss_tok, sel.weight, n)                        # Eq. 10, weighted

@@ -54,6 +54,11 @@ POSITIONAL = {"compare": "inputs", "sweep": "spec"}
 COMMAND_DEFAULTS = {"demo": DEMO_PRESET, "train-ref": {"method": "full"}}
 
 
+# options whose default is None, so that null in a config file means that default
+NULLABLE = {f.name for t in {t for _, ts in COMMANDS.values() for t in ts} for f in fields(t)
+            if f.default is None}
+
+
 def option_names(types: tuple[type, ...]) -> set[str]:
     return {f.name for t in types for f in fields(t) if f.init}
 
@@ -85,6 +90,9 @@ def _read_config(path: str, known: set[str]) -> dict:
         raise UsageError([f"--config {path}: unknown option(s) {', '.join(unknown)}"])
     bad = [k for k, v in loaded.items() if isinstance(v, (dict, list)) and k not in
            ("report_to", "scores", "trainer_state", "inputs", "only")]
+    nulls = [k for k, v in loaded.items() if v is None and k not in NULLABLE]
+    if nulls:
+        raise UsageError([f"--config {path}: option {k} has no value (null)" for k in nulls])
     if bad:
         raise UsageError([f"--config {path}: option {k} must be a single value, got "
                           f"{type(loaded[k]).__name__}" for k in bad])
@@ -109,6 +117,9 @@ def build(types: tuple[type, ...], values: dict[str, Any]) -> tuple:
 def parse(command: str, argv: list[str] | None = None) -> tuple:
     """``sstoken <command> [--config FILE] [flags]`` -> the command's dataclasses, checked."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    if argv.count("--config") > 1:
+        raise UsageError(["--config given twice: put every option in one file"])
     _, types = COMMANDS[command]
     p = parser(command)
     known = option_names(types)
@@ -127,6 +138,8 @@ def parse(command: str, argv: list[str] | None = None) -> tuple:
     ns, rest = p.parse_known_args(argv)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(ns, "config", None):                    # an abbreviation argparse accepted (--conf)
+        raise UsageError([f"write --config in full (got an abbreviation for {ns.config})"])
     values = {k: v for k, v in vars(ns).items() if k != "config"}
     return build(types, values)
 

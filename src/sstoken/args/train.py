@@ -221,7 +221,16 @@ class TrainArguments(TrainingArguments):
     def __post_init__(self):
         if self.disable_tqdm is None:
             self.disable_tqdm = quiet()
+        problems = []
+        if self.remove_unused_columns:
+            problems.append("--remove_unused_columns must stay false: sstoken's batches carry "
+                            "per-token fields the model's forward does not take")
+        if str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no":
+            problems.append("--eval_strategy: `sstoken train` has no evaluation set; evaluate "
+                            "afterwards with `sstoken eval` (the held-out loss with --heldout)")
         try:
             super().__post_init__()
         except ValueError as e:
-            raise UsageError([str(e)]) from None
+            problems.append(str(e))
+        if problems:
+            raise UsageError(problems)

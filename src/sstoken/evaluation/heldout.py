@@ -33,7 +33,9 @@ def heldout_loss(model, tokenizer, *, data: str, skip: int = 0, samples: int | N
     examples, stats = load_examples(data, tokenizer, template=template, max_seq_length=max_seq_length,
                                     limit=samples, skip=skip)
     if not examples:
-        raise ValueError(f"held-out data {data} (skip {skip}) gave no examples")
+        from ..errors import DataError
+
+        raise DataError(f"held-out data {data} (skip {skip}) gave no examples")
     losses = compute_losses(model, examples, tokenizer.pad_token_id, batch_size=batch_size,
                             desc="held-out loss")
     per_doc, total, count = [], 0.0, 0

@@ -90,6 +90,8 @@ class _SelectionCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         out = self.collator(examples)
+        if INDEX not in examples[0]:               # an evaluation set: the plain loss needs none
+            return out
         L = out["input_ids"].shape[1]
         out["index"] = torch.tensor([e[INDEX] for e in examples])
         for name in self.per_token:
