@@ -189,7 +189,8 @@ def naive_step_loss(model, batch, weighting="none"):
     return (lp * w).sum() / resp.sum()
 
 
-def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None, rounds=1):
+def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None, rounds=1,
+                   only=None):
     """Every variant's training step. With ``rounds`` > 1 the whole list is run again, in
     reverse order every other round, and each variant's median is over all its rounds: a
     machine whose speed drifts during the run (CPU boost, a neighbour) then skews no variant."""
@@ -224,6 +225,8 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     tokens = int(batch["attention_mask"].sum())
+    if only:                                           # "full" always stays: the ratios' base
+        variants = [v for v in variants if v[0] == "full" or any(o in v[0] for o in only)]
     times_of = {name: [] for name, _, _ in variants}
     phases_of = {name: {k: [] for k in PHASES} for name, _, _ in variants}
     mem_of = {}
@@ -408,6 +411,9 @@ def main(argv=None):
                    help="override the shape's layer count (tiny/3b), e.g. --shape 3b --layers 1 for a "
                         "CPU smoke of the GPU shape's code path with its full 128k vocabulary")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--variants", default=None,
+                   help="comma-separated substrings: time only the variants whose name has one "
+                        "(and full, the base of the ratios); default all")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every variant this many times, reversing the order every other round, "
                         "and take each variant's median over all (cancels a machine whose speed drifts)")
@@ -443,7 +449,8 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
            "versions": versions(), "command": "python bench/bench.py " + " ".join(argv or sys.argv[1:])}
     print("[bench] training steps", flush=True)
-    res["steps"] = bench_variants(model, batch, device, a.steps, a.warmup, a.chunk, a.profile, a.rounds)
+    res["steps"] = bench_variants(model, batch, device, a.steps, a.warmup, a.chunk, a.profile, a.rounds,
+                                  a.variants.split(",") if a.variants else None)
     print("[bench] scoring pass", flush=True)
     res["score_pass"] = bench_score_pass(model, batch, device, a.steps, a.chunk)
     print("[bench] attention score", flush=True)

@@ -50,3 +50,11 @@ def test_bench_rejects_an_unwritable_output_before_running(tmp_path, capsys):
         with pytest.raises(SystemExit):
             bench.main(["--shape", "tiny", *argv])
         assert re.search(msg, capsys.readouterr().err)
+
+
+def test_bench_variant_filter(tmp_path):
+    import bench
+
+    res = bench.main(["--shape", "tiny", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "16",
+                      "--variants", "eaft", "--out", str(tmp_path / "B.md")])
+    assert [r["variant"] for r in res["steps"]] == ["full", "full + eaft", "full + eaft (naive: full fp32 logits)"]
