@@ -1,5 +1,9 @@
-"""Scores records like the trainer writes (shared by test_records.py and test_report.py)."""
+"""Fakes shared by the tests: scores records like the trainer writes (test_records.py,
+test_report.py) and run folders holding an eval.json (test_evaluate.py,
+test_evaluation_tables.py)."""
+import json
 import random
+from pathlib import Path
 
 # ~3,000 distinct "BPE pieces": 1,000 real examples of 200 tokens have a few thousand distinct
 # tokens, so the token index needs two digits, as it would on real data.
@@ -31,3 +35,12 @@ def fake_record(k, method="sstoken", n=200, rng=None, tokens=None, gamma=0.5):
             "attn_score": attn, "score": score,
             "by_attention": [kk and (1 - g) * (a or 0) > g * (b or 0)
                              for kk, a, b in zip(keep, attn, reln)]}
+
+
+def fake_eval_run(d: Path, acc: float, se: float | None) -> str:
+    """A run folder whose eval.json has arc_easy (acc) and triviaqa (exact_match)."""
+    d.mkdir()
+    (d / "eval.json").write_text(json.dumps({"results": {
+        "arc_easy": {"acc": acc, "acc_stderr": se, "acc_norm": 0.1, "acc_norm_stderr": 0.01},
+        "triviaqa": {"exact_match": acc / 2, "exact_match_stderr": se}}}))
+    return str(d)

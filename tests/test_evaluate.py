@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -109,12 +108,7 @@ def test_adapter_is_merged_for_evaluation(tiny_dir, tmp_path, monkeypatch):
         evaluate(model=tiny_dir, preset="nope", output_dir=str(tmp_path / "x"))
 
 
-def _fake_run(d: Path, acc: float, se: float | None) -> str:
-    d.mkdir()
-    (d / "eval.json").write_text(json.dumps({"results": {
-        "arc_easy": {"acc": acc, "acc_stderr": se, "acc_norm": 0.1, "acc_norm_stderr": 0.01},
-        "triviaqa": {"exact_match": acc / 2, "exact_match_stderr": se}}}))
-    return str(d)
+from fake_scores import fake_eval_run as _fake_run  # noqa: E402
 
 
 def test_metrics_of_lm_eval_results():

@@ -11,12 +11,7 @@ from sstoken.evaluation import (LOWER_IS_BETTER, PRIMARY, cells_of, compare, loa
 from sstoken.stats import seed_groups
 
 
-def _fake_run(d: Path, acc: float, se: float | None) -> str:
-    d.mkdir()
-    (d / "eval.json").write_text(json.dumps({"results": {
-        "arc_easy": {"acc": acc, "acc_stderr": se, "acc_norm": 0.1, "acc_norm_stderr": 0.01},
-        "triviaqa": {"exact_match": acc / 2, "exact_match_stderr": se}}}))
-    return str(d)
+from fake_scores import fake_eval_run as _fake_run  # noqa: E402
 
 
 def test_compare_table_marks_best_and_plots(tmp_path):

@@ -75,6 +75,25 @@ def topk_entropy_from_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def _backward_rows(h, weight, grad_out, chunk, needs, dlogits):
+    """The backward both chunked functions share: for the rows whose output has a non-zero
+    gradient only, ``chunk`` at a time, ``g = dlogits(rows) (c, V)`` (already times the output's
+    gradient) is pushed through ``logits = h @ weight.T`` into the gradients of ``h`` (N, H)
+    and ``weight`` (V, H); ``needs`` says which of the two are wanted."""
+    acc = _acc_dtype(h)
+    grad_h = torch.zeros_like(h) if needs[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+    live = (grad_out != 0).nonzero().squeeze(1)                           # (n,) rows with gradient
+    for s in range(0, live.numel(), chunk):
+        rows = live[s:s + chunk]                                          # (c,)
+        g = dlogits(rows)                                                 # (c, V)
+        if grad_h is not None:
+            grad_h[rows] = (g.to(weight.dtype) @ weight).to(h.dtype)
+        if grad_w is not None:
+            grad_w += g.T @ h[rows].to(acc)
+    return grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Per-row NLL of ``h @ W.T`` computed ``chunk`` rows at a time, never holding (N, V) logits.
 
@@ -108,24 +127,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_entropy):  # grad_loss (N,)
         h, weight, targets, lse = ctx.saved_tensors
-        chunk = ctx.chunk
-        grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         acc = _acc_dtype(h)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        live = (grad_loss != 0).nonzero().squeeze(1)                          # (n,) rows with gradient
-        for s in range(0, live.numel(), chunk):
-            rows = live[s:s + chunk]                                          # (c,)
-            hc = h[rows]                                                      # (c, H)
-            g = torch.exp((hc @ weight.T).to(acc) - lse[rows, None])          # softmax (c, V)
+
+        def dlogits(rows):                                                    # (c, V)
+            g = torch.exp((h[rows] @ weight.T).to(acc) - lse[rows, None])     # softmax
             g.scatter_add_(1, targets[rows, None], -torch.ones_like(targets[rows, None], dtype=g.dtype))
-            g.mul_(grad_loss[rows, None].to(acc))                             # dL/dlogits
-            if grad_h is not None:
-                grad_h[rows] = (g.to(weight.dtype) @ weight).to(h.dtype)
-            if grad_w is not None:
-                grad_w += g.T @ hc.to(acc)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+            return g.mul_(grad_loss[rows, None].to(acc))                      # dL/dlogits
+
+        grad_h, grad_w = _backward_rows(h, weight, grad_loss, ctx.chunk, ctx.needs_input_grad, dlogits)
         return grad_h, grad_w, None, None, None
 
 
@@ -156,22 +165,13 @@ class _LinearKL(torch.autograd.Function):
     def backward(ctx, grad_kl):  # grad_kl (N,)
         h, weight, h_ref, weight_ref, lse = ctx.saved_tensors
         acc = _acc_dtype(h)
-        grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        live = (grad_kl != 0).nonzero().squeeze(1)
-        for s in range(0, live.numel(), ctx.chunk):
-            rows = live[s:s + ctx.chunk]
-            hc = h[rows]
-            p = torch.exp((hc @ weight.T).to(acc) - lse[rows, None])                     # (c, V)
+
+        def dlogits(rows):                                                    # (c, V)
+            p = torch.exp((h[rows] @ weight.T).to(acc) - lse[rows, None])
             q = torch.softmax((h_ref[rows] @ weight_ref.T).to(acc), dim=-1)
-            g = (p - q) * grad_kl[rows, None].to(acc)                                      # dKL/dz_p
-            if grad_h is not None:
-                grad_h[rows] = (g.to(weight.dtype) @ weight).to(h.dtype)
-            if grad_w is not None:
-                grad_w += g.T @ hc.to(acc)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+            return (p - q) * grad_kl[rows, None].to(acc)                      # dKL/dz_p
+
+        grad_h, grad_w = _backward_rows(h, weight, grad_kl, ctx.chunk, ctx.needs_input_grad, dlogits)
         return grad_h, grad_w, None, None, None
 
 
