@@ -1,4 +1,5 @@
 """One optimizer step of SelectionTrainer on 8 fixed examples; saves the trainable weights.
+(Two steps for ``method+unlearned``: ``--rho_rule unlearned`` sets step 2's rho from step 1.)
 
 Run directly (one process) or under ``torchrun --nproc_per_node 2``. Used by
 tests/test_trainer.py to check that gradient accumulation and data parallelism give the same
@@ -29,11 +30,12 @@ def main(out: str, model_dir: str, method: str, per_device: int, accum: int, fin
     examples, _ = build_examples(((f"r{k}", r) for k, r in enumerate(recs)), tok)
     model_args = ModelArguments(model=model_dir, dtype="float32")
     finetune_args = FinetuneArguments(finetune=finetune, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    method, _, rule = method.partition("+")               # e.g. sstoken+unlearned
     method, _, weighting = method.partition(":")          # e.g. sstoken:dft
     sel = SelectionArguments(method=method, rho=0.6, gamma=0.5, save_scores=0,
-                             weighting=weighting or "none")
+                             weighting=weighting or "none", rho_rule=rule or "fixed")
     args = TrainingArguments(output_dir=out + ".run", per_device_train_batch_size=per_device,
-                             gradient_accumulation_steps=accum, max_steps=1, learning_rate=0.5,
+                             gradient_accumulation_steps=accum, max_steps=2 if rule else 1, learning_rate=0.5,
                              optim="sgd", lr_scheduler_type="constant", report_to="none",
                              remove_unused_columns=False, save_strategy="no", logging_steps=1,
                              use_cpu=True, seed=0, disable_tqdm=True, max_grad_norm=0.0)

@@ -114,3 +114,22 @@ def test_selection_arguments_in_python_report_all_problems():
     with pytest.raises(UsageError) as e:
         SelectionArguments(method="rho1", rho=0, tc_partitions=0)
     assert len(e.value.problems) == 3
+
+
+def test_beyond_the_paper_options_are_checked():
+    """--normalize, --attn_sink, --rho_rule, --learned_prob and --history epoch: bad values
+    and combinations that would silently do nothing are refused, all at once."""
+    with pytest.raises(UsageError) as e:
+        SelectionArguments(method="sstoken", normalize="zscore", attn_sink=-1, rho_rule="auto",
+                           learned_prob=1.0, history="moving")
+    assert len(e.value.problems) == 5
+    with pytest.raises(UsageError) as e:
+        SelectionArguments(method="random", normalize="rank", attn_sink=1)
+    assert [p.split(" ")[0] for p in e.value.problems] == ["--normalize", "--attn_sink"]
+    for method in ("full", "tokencleaning"):
+        with pytest.raises(UsageError, match=f"--method {method} has no per-step rho"):
+            SelectionArguments(method=method, rho_rule="unlearned", ref_model="x")
+    with pytest.raises(UsageError, match="--history epoch computes history losses online"):
+        SelectionArguments(method="sstoken", history="epoch", history_losses="/")
+    ok = SelectionArguments(method="random", rho_rule="unlearned")
+    assert ok.rho_rule == "unlearned"

@@ -17,10 +17,10 @@ def test_field_tuples():
     assert SCALAR_FIELDS == ("id", "method", "step", "gamma", "rho")
     assert REQUIRED == ("id", "method", "tokens", "response", "keep")
     assert PER_TOKEN_BOOL == ("response", "keep", "by_attention")
-    assert PER_TOKEN_NUMERIC == ("loss", "rel", "rel_norm", "attn_score", "score", "weight")
+    assert PER_TOKEN_NUMERIC == ("loss", "rel", "rel_norm", "attn_score", "attn_norm", "score", "weight")
     assert PER_TOKEN == PER_TOKEN_BOOL + PER_TOKEN_NUMERIC
-    rec = fake_record(0, n=10)             # the trainer's record has them all ("weight" with --weighting)
-    assert set(rec) | {"weight"} == set(SCALAR_FIELDS) | {"tokens"} | set(PER_TOKEN)
+    rec = fake_record(0, n=10)    # the trainer's record ("weight" with --weighting, "attn_norm" with rank)
+    assert set(rec) | {"weight", "attn_norm"} == set(SCALAR_FIELDS) | {"tokens"} | set(PER_TOKEN)
 
 
 def test_schema_is_pure_python():

@@ -13,7 +13,11 @@ from sstoken.cli import main
 
 def train(tiny_dir, data, out, method, *extra):
     flags = {"sstoken-ema": ["--method", "sstoken", "--history", "ema", "--ema_alpha", "0.5"],
-             "random": ["--method", "random"], "sstoken": ["--method", "sstoken"]}[method]
+             "random": ["--method", "random"], "sstoken": ["--method", "sstoken"],
+             # 6 examples at batch 2: epochs of 3 steps, so step 4 is in epoch 2
+             "sstoken-epoch": ["--method", "sstoken", "--history", "epoch", "--max_samples", "6"],
+             "sstoken-unlearned": ["--method", "sstoken", "--rho_rule", "unlearned",
+                                   "--normalize", "rank", "--attn_sink", "1"]}[method]
     assert main(["train", "--model", tiny_dir, "--data", str(data), "--lora_r", "4", "--lora_dropout", "0.1",
                  "--max_steps", "4", "--per_device_train_batch_size", "2", "--save_strategy", "steps",
                  "--save_steps", "1", "--learning_rate", "1e-2", "--save_scores", "8", "--use_cpu", "true",
@@ -30,27 +34,30 @@ def outputs(out):
     return summary, records, weights, logs
 
 
-@pytest.mark.parametrize("method", ["sstoken-ema", "random"])
-def test_resumed_run_equals_an_uninterrupted_one(method, tiny_dir, tmp_path, records):
+@pytest.mark.parametrize("method,cut", [("sstoken-ema", 2), ("random", 2), ("sstoken-epoch", 2),
+                                        ("sstoken-epoch", 3), ("sstoken-unlearned", 2)])
+def test_resumed_run_equals_an_uninterrupted_one(method, cut, tiny_dir, tmp_path, records):
+    """Cut after checkpoint ``cut``; for --history epoch, 2 is mid-epoch and 3 the boundary."""
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in records(8, seed=2)))
     train(tiny_dir, data, tmp_path / "straight", method)
     train(tiny_dir, data, tmp_path / "cut", method)
-    cut = tmp_path / "cut"
-    # the run "died" after checkpoint-2: later checkpoints and every final output are gone
-    for name in ("checkpoint-3", "checkpoint-4"):
+    cut, cut_at = tmp_path / "cut", cut
+    # the run "died" after checkpoint-<cut>: later checkpoints and every final output are gone
+    for name in [f"checkpoint-{k}" for k in range(cut_at + 1, 5)]:
         shutil.rmtree(cut / name)
     for p in cut.iterdir():
         if p.is_file():
             p.unlink()
-    state_file = cut / "checkpoint-2" / "sstoken_state.json"
+    state_file = cut / f"checkpoint-{cut_at}" / "sstoken_state.json"
     state = json.loads(state_file.read_text())
     state["seconds"] = 1000.0                               # as if the first part took 1000 s
     state_file.write_text(json.dumps(state))
     train(tiny_dir, data, cut, method, "--resume_from_checkpoint", "true")
     (s1, r1, w1, l1), (s2, r2, w2, l2) = outputs(tmp_path / "straight"), outputs(cut)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-6
-    assert r1.keys() == r2.keys() and len(r1) == 8          # every example, also those seen before
+    n = 6 if method == "sstoken-epoch" else 8
+    assert r1.keys() == r2.keys() and len(r1) == n          # every example, also those seen before
     for i in r1:
         assert r1[i]["keep"] == r2[i]["keep"] and r1[i]["step"] == r2[i]["step"]
         assert r1[i]["loss"] == pytest.approx(r2[i]["loss"], abs=1e-6)

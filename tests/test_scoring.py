@@ -82,6 +82,38 @@ def test_minmax_normalize_matches_loop():
             assert abs(float(out[b, i]) - want) < 1e-6
 
 
+def test_percentile_normalize_matches_loop():
+    """--normalize rank: (average rank - 1) / (n - 1) per sample, ties sharing their rank."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(6, 12, generator=g)
+    mask = random_mask(6, 12, g)
+    x[1][mask[1]] = 0.7                        # all equal: every token at 0.5
+    x[2, ::3] = 0.25                           # ties inside a sample
+    out = S.percentile_normalize(x, mask)
+    for b in range(6):
+        vals = [float(x[b, i]) for i in range(12) if mask[b, i]]
+        n = len(vals)
+        for i in range(12):
+            if not mask[b, i]:
+                assert out[b, i] == 0
+                continue
+            v = float(x[b, i])
+            less, equal = sum(u < v for u in vals), sum(u == v for u in vals)
+            rank = less + (equal + 1) / 2                      # 1-based average rank
+            want = 0.5 if n == 1 else (rank - 1) / (n - 1)
+            assert abs(float(out[b, i]) - want) < 1e-6, (b, i)
+
+
+def test_percentile_normalize_keeps_the_order():
+    """A monotone map: at gamma 0 or 1 rank and minmax keep the same tokens (ties included)."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(4, 20, generator=g).round(decimals=1)      # many ties
+    mask = random_mask(4, 20, g)
+    for rho in (0.3, 0.6):
+        assert torch.equal(S.select_top_per_sample(S.percentile_normalize(x, mask), mask, rho),
+                           S.select_top_per_sample(S.minmax_normalize(x, mask), mask, rho))
+
+
 def test_sstoken_score_extremes():
     g = torch.Generator().manual_seed(4)
     rel_norm, attn = torch.rand(3, 8, generator=g), torch.rand(3, 8, generator=g)
@@ -158,6 +190,53 @@ def test_attn_prompt_mass_matches_materialized_probs():
     fast = S.attn_prompt_mass(q[:1], k[:1], prompt[:1], None, scale)
     assert (fast - ref[:1]).abs().max() < 1e-6
     assert ((ref >= -1e-6) & (ref <= 1 + 1e-6)).all()
+
+
+def test_sink_keys_are_the_first_real_tokens():
+    am = torch.tensor([[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    assert S.sink_keys(am, 1).tolist() == [[True, False, False, False, False],
+                                           [False, False, True, False, False]]
+    assert S.sink_keys(am, 2).sum(1).tolist() == [2, 2]
+
+
+def test_attn_prompt_mass_without_sinks_matches_an_eager_loop():
+    """--attn_sink: the fused two-channel SDPA equals, per query and head, the prompt mass
+    over non-sink keys divided by the mass over non-sink keys, averaged over heads (a loop
+    over explicit softmax rows), with padding on both sides and GQA."""
+    g = torch.Generator().manual_seed(17)
+    B, H, Hkv, L, D = 3, 4, 2, 10, 8
+    q = torch.randn(B, H, L, D, generator=g) * 2
+    k = torch.randn(B, Hkv, L, D, generator=g) * 2
+    pad = torch.ones(B, L, dtype=torch.bool)
+    pad[1, 7:] = False
+    pad[2, :2] = False
+    prompt = pad.clone()
+    prompt[:, 6:] = False
+    scale = D ** -0.5
+    allowed = torch.ones(L, L, dtype=torch.bool).tril()[None, None] & pad[:, None, None, :]
+    for n_sink in (1, 2):
+        sink = S.sink_keys(pad.long(), n_sink)
+        fast = S.attn_prompt_mass(q, k, prompt, allowed, scale, sink_mask=sink)
+        kk = k.repeat_interleave(H // Hkv, dim=1)
+        probs = torch.nan_to_num(torch.softmax(
+            ((q @ kk.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf")), -1))
+        via_probs = S.attn_prompt_mass_from_probs(probs, prompt, sink)
+        for b in range(B):
+            for i in range(L):
+                if not pad[b, i] or not allowed[b, 0, i].any():
+                    continue
+                per_head = []
+                for h in range(H):
+                    row = probs[b, h, i].double()
+                    rest = sum(float(row[j]) for j in range(L) if not sink[b, j])
+                    on_p = sum(float(row[j]) for j in range(L) if prompt[b, j] and not sink[b, j])
+                    per_head.append(on_p / rest if rest > 1e-6 else 0.0)
+                want = sum(per_head) / H
+                assert abs(float(fast[b, i]) - want) < 1e-6, (n_sink, b, i)
+                assert abs(float(via_probs[b, i]) - want) < 1e-6
+        # no sink: the old score; the sink mass only raises what is left
+        assert torch.allclose(S.attn_prompt_mass(q, k, prompt, allowed, scale),
+                              S.attn_prompt_mass_from_probs(probs, prompt), atol=1e-6)
 
 
 def test_select_random_is_reproducible_and_sized():

@@ -62,7 +62,7 @@ def maxdiff(a, b):
 
 
 # selection[:weighting]: the update of weighted runs must not depend on the layout either
-METHODS = ("full", "sstoken", "sstoken:dft", "random:eaft", "full:asft")
+METHODS = ("full", "sstoken", "sstoken:dft", "random:eaft", "full:asft", "sstoken+unlearned")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,20 @@ def test_full_step_matches_manual_reference(step_results, tiny_dir):
             assert maxdiff(params["full"], ref) < 2e-6, layout
 
 
+def test_unlearned_rho_is_the_same_in_every_layout(step_results):
+    """--rho_rule unlearned: step 2's rho counts step 1's tokens over all micro-batches and
+    both processes, so it (and the update) does not depend on the layout."""
+    import json
+
+    rhos = {}
+    for layout in ("8x1", "1x8", "4x2", "ddp"):
+        path = step_results["_dir"] / f"{layout}.sstoken+unlearned.st.json"
+        rhos[layout] = [h["sel/rho"] for h in json.loads(path.read_text()) if "loss" in h]
+    assert rhos["8x1"][0] == 0.6 and rhos["8x1"][1] != 0.6        # step 1: --rho; step 2: the rule
+    for layout, r in rhos.items():
+        assert r == pytest.approx(rhos["8x1"], abs=1e-12), layout
+
+
 def test_selection_statistics_cover_every_process(step_results, tmp_path_factory):
     """sel/* logged under 2-process DDP are sums over both ranks: equal to one process."""
     import json
@@ -109,6 +123,7 @@ def test_selection_statistics_cover_every_process(step_results, tmp_path_factory
         keys = [k for k in one if k.startswith("sel/") and k != "sel/rel_attn_corr"]
         assert keys and "sel/kept_frac" in keys
         assert ("sel/weight_mean" in keys and "sel/nll_kept" in keys) == (":" in m)
+        assert ("sel/rho" in keys) == ("+" in m)
         for k in keys:                 # corr is a mean over micro-batches, which differ in number
             assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), (m, k)
 
@@ -389,6 +404,141 @@ def test_ema_history_forward_uses_the_averaged_adapter(tok):
         now = forward_token_losses(model.eval(), batch["input_ids"], batch["attention_mask"], resp)
     assert (got - want).abs().max() < 1e-6
     assert (got - now).abs().max() > 1e-4          # the EMA differs from the current adapter
+
+
+def ref_attn_without_sink(model_sd, ex, n_sink, layers=2, layer=-1):
+    """Per example: each head's mass on non-sink prompt keys over its mass on non-sink keys,
+    averaged over heads (eager attention, loops), the sinks being the first n_sink tokens."""
+    m = tiny_llama(300, layers=layers, attn_implementation="eager")
+    m.load_state_dict(model_sd)
+    out_all = []
+    with torch.no_grad():
+        for e in ex:
+            A = m(input_ids=torch.tensor([e.input_ids]), output_attentions=True).attentions[layer][0]
+            L, H = len(e.input_ids), A.shape[0]
+            prompt = [lab == -100 for lab in e.labels]
+            row = []
+            for i in range(L):
+                per_head = []
+                for h in range(H):
+                    rest = sum(float(A[h, i, j]) for j in range(n_sink, L))
+                    on_p = sum(float(A[h, i, j]) for j in range(n_sink, L) if prompt[j])
+                    per_head.append(on_p / rest if rest > 1e-6 else 0.0)
+                row.append(sum(per_head) / H)
+            out_all.append(row)
+    return out_all
+
+
+def loop_percentile(vals: dict) -> dict:
+    """Per-sample percentile with average ranks for ties (the reference of --normalize rank)."""
+    n = len(vals)
+    out = {}
+    for i, v in vals.items():
+        less, equal = sum(u < v for u in vals.values()), sum(u == v for u in vals.values())
+        out[i] = 0.5 if n == 1 else (less + (equal - 1) / 2) / (n - 1)
+    return out
+
+
+@pytest.mark.parametrize("normalize,attn_sink", [("rank", 0), ("minmax", 1), ("rank", 2)])
+def test_sstoken_rank_and_sink_match_loop_reference(tok, normalize, attn_sink):
+    """--normalize rank (both signals to per-sample percentiles) and --attn_sink (the first
+    tokens out of the attention score, the rest renormalized): keep mask and loss against
+    loops over eager attention probabilities."""
+    torch.manual_seed(0)
+    model = tiny_llama(300, layers=2)
+    ex = make_batch(tok)
+    cur, attn = ref_cur_and_attn(model.state_dict(), ex)
+    if attn_sink:
+        attn = ref_attn_without_sink(model.state_dict(), ex, attn_sink)
+    g = torch.Generator().manual_seed(9)
+    hist = [[c + float(torch.randn(1, generator=g)) for c in cs] for cs in cur]
+    for e, h in zip(ex, hist):
+        e.extra["history_loss"] = h
+    gamma, rho = 0.5, 0.6
+    sel = SelectionArguments(method="sstoken", rho=rho, gamma=gamma, save_scores=0,
+                             normalize=normalize, attn_sink=attn_sink)
+    loss, keep, rec = run_trainer_step(trainer_for(model, tok, ex, sel), tok, ex)
+    scores = []
+    for b, e in enumerate(ex):
+        R = resp_positions(e)
+        rel = {i: hist[b][i] - cur[b][i] for i in R}
+        a = {i: attn[b][i] for i in R}
+        for i in R:
+            assert abs(float(rec["attn_score"][b, i]) - a[i]) < 1e-5
+        if normalize == "rank":
+            rn, an = loop_percentile(rel), loop_percentile(a)
+        else:
+            lo, hi = min(rel.values()), max(rel.values())
+            rn, an = {i: (rel[i] - lo) / (hi - lo) if hi > lo else 0.0 for i in R}, a
+        mix = {i: gamma * rn[i] + (1 - gamma) * an[i] for i in R}
+        scores.append({i: round(v, 12) for i, v in mix.items()} if normalize == "rank" else mix)
+    want = ref_keep_per_sample(scores, ex, rho)
+    assert keep == want
+    assert abs(loss - ref_loss(cur, want)) < 1e-5
+    assert ("attn_norm" in rec) == (normalize == "rank")
+
+
+def test_unlearned_rho_follows_the_previous_step(tok, tmp_path):
+    """--rho_rule unlearned: step 1 keeps --rho; step 2 keeps the share of step 1's response
+    tokens with p < --learned_prob, counted from the loop reference of the untrained model."""
+    torch.manual_seed(0)
+    model = tiny_llama(300, layers=2)
+    ex = make_batch(tok)
+    cur, _ = ref_cur_and_attn(model.state_dict(), ex)
+    for e in ex:
+        e.extra["history_loss"] = [0.0] * len(e.input_ids)
+    losses = sorted(cur[b][i] for b, e in enumerate(ex) for i in resp_positions(e))
+    p = math.exp(-losses[len(losses) // 3])         # about 2/3 of the tokens "unlearned"
+    unl = sum(cur[b][i] > -math.log(p) for b, e in enumerate(ex) for i in resp_positions(e))
+    n = sum(len(resp_positions(e)) for e in ex)
+    want = max(0.1, unl / n)
+    assert 0.1 < want < 0.9
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", remove_unused_columns=False,
+                             use_cpu=True, max_steps=2, per_device_train_batch_size=6, logging_steps=1,
+                             learning_rate=1e-3)
+    sel = SelectionArguments(method="sstoken", rho_rule="unlearned", learned_prob=p, save_scores=6)
+    t = SelectionTrainer(model=model, args=args, train_dataset=ExampleDataset(ex),
+                         data_collator=Collator(tok.pad_token_id), processing_class=tok,
+                         selection=sel, examples=ex)
+    t.train()
+    logs = [h for h in t.state.log_history if "loss" in h]
+    assert logs[0]["sel/rho"] == 0.6
+    assert logs[1]["sel/rho"] == pytest.approx(want, abs=1e-12)
+    kept = sum(math.ceil(Fraction(str(round(want, 12))) * len(resp_positions(e))) for e in ex)
+    assert logs[1]["sel/kept_frac"] == pytest.approx(kept / n, abs=1e-9)
+    assert all(r["rho"] == pytest.approx(want) for r in t.records.values())
+
+
+def test_epoch_history_is_the_model_at_the_start_of_the_epoch(tok):
+    """--history epoch: in epoch 0 the history is the model as it was at the start (with
+    LoRA, the base model); when epoch 1 begins it becomes the weights of that moment."""
+    import peft
+
+    from sstoken.modeling import adapter_disabled, forward_token_losses
+    model = peft.get_peft_model(tiny_llama(300, layers=2),
+                                peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    ex = make_batch(tok)
+    t = trainer_for(model, tok, ex, SelectionArguments(method="sstoken", history="epoch"))
+    batch = Collator(tok.pad_token_id)([ExampleDataset(ex)[k] for k in range(len(ex))])
+    resp = response_mask(batch["labels"])
+    args = batch["input_ids"], batch["attention_mask"], resp
+
+    def plain(m):
+        with torch.no_grad():
+            return forward_token_losses(m.eval(), *args)
+
+    with adapter_disabled(model):
+        base = plain(model)
+    with torch.no_grad():                           # "training" moves the adapter
+        for p in t.history.ema.params.values():
+            p.add_(torch.randn_like(p) * 0.1)
+    moved = plain(model)
+    assert (moved - base).abs().max() > 1e-4
+    t.history.start_epoch(0)                        # still epoch 0: no new copy
+    assert (t.history.losses(model, *args, 1024) - base).abs().max() < 1e-6
+    t.history.start_epoch(1)
+    assert (t.history.losses(model, *args, 1024) - moved).abs().max() < 1e-6
+    assert (plain(model) - moved).abs().max() == 0  # the live weights are untouched
 
 
 def test_checkpoint_resume_gives_the_same_model(tok, tmp_path):

@@ -43,20 +43,22 @@ def resolve_layer(attn_layer: int | str, num_layers: int) -> int:
 class AttnScoreHook:
     """State shared between the trainer and the attention wrapper of one layer.
 
-    ``prompt_mask`` (B, L) bool is set before a forward (None = do nothing); after it,
-    ``attn_score`` (B, L) holds the prompt mass of every query position.
+    ``prompt_mask`` (B, L) bool is set before a forward (None = do nothing), with the sink keys
+    ``sink_mask`` (B, L) bool or None (``--attn_sink``); after it, ``attn_score`` (B, L) holds
+    the prompt mass of every query position.
     """
 
     layer_idx: int
     base_impl: str
     prompt_mask: torch.Tensor | None = None
+    sink_mask: torch.Tensor | None = None
     attn_score: torch.Tensor | None = None
 
-    def arm(self, prompt_mask: torch.Tensor) -> None:
-        self.prompt_mask, self.attn_score = prompt_mask, None
+    def arm(self, prompt_mask: torch.Tensor, sink_mask: torch.Tensor | None = None) -> None:
+        self.prompt_mask, self.sink_mask, self.attn_score = prompt_mask, sink_mask, None
 
     def take(self) -> torch.Tensor:
-        score, self.prompt_mask, self.attn_score = self.attn_score, None, None
+        score, self.prompt_mask, self.sink_mask, self.attn_score = self.attn_score, None, None, None
         if score is None:
             raise RuntimeError(f"no attention score was captured at layer {self.layer_idx}: "
                                "is the model's attention routed through sstoken's wrapper?")
@@ -74,7 +76,7 @@ def _wrapper(base_impl: str):
                 scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
             with torch.no_grad():
                 hook.attn_score = attn_prompt_mass(query.detach(), key.detach(), hook.prompt_mask,
-                                                   attention_mask, scaling)
+                                                   attention_mask, scaling, hook.sink_mask)
         if base_impl == "eager":
             from transformers.models.llama.modeling_llama import eager_attention_forward
 

@@ -6,6 +6,9 @@
 * :class:`EMAHistory` - Eq. 4, ``his <- a * his + (1 - a) * theta`` after every optimizer
   step, over the trainable parameters (:class:`TrainableEMA`); saved with every checkpoint
   (``sstoken_ema.safetensors``) and restored on resume.
+* :class:`EpochHistory` - beyond the paper: the trainable parameters as they were at the start
+  of the current epoch (in epoch 1 the base model), the same copy swapped in the same way,
+  saved and restored the same way (its epoch in ``sstoken_state.json``).
 
 Each gives ``losses(model, input_ids, attention_mask, resp) -> (B, L)``: a no-grad forward in
 eval mode (dropout off). The trainer calls it *before* the training forward, because the EMA
@@ -57,6 +60,12 @@ class TrainableEMA:
     def update(self) -> None:
         for n, p in self.params.items():
             self.shadow[n].mul_(self.alpha).add_(p.detach(), alpha=1 - self.alpha)
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """The shadow becomes an exact copy of the live parameters."""
+        for n, p in self.params.items():
+            self.shadow[n].copy_(p.detach())
 
     @contextlib.contextmanager
     def swapped(self):
@@ -137,3 +146,25 @@ class EMAHistory:
     def losses(self, model, input_ids, attention_mask, resp, chunk_size: int) -> torch.Tensor:
         with self.ema.swapped(), eval_mode(unwrap(model)):
             return forward_token_losses(unwrap(model), input_ids, attention_mask, resp, chunk_size)
+
+
+class EpochHistory(EMAHistory):
+    """The model at the start of the current epoch (``--history epoch``, beyond the paper).
+
+    With the base model as history over several epochs, REL keeps rewarding what epoch 1
+    already taught: REL only grows, and the tokens memorized first stay on top. Measured from
+    the start of the current epoch, REL is what *this* pass over the data has gained so far.
+    In epoch 1 this is the base model exactly (LoRA starts with B = 0; full fine-tuning from
+    the loaded weights). One copy of the trainable parameters (the adapter with LoRA).
+    """
+
+    def __init__(self, model):
+        super().__init__(model, alpha=0.0)
+        self.callback = None                  # no per-step update
+        self.epoch = 0                        # the epoch the copy was taken at
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before every training forward: take the copy when a new epoch begins."""
+        if epoch != self.epoch:
+            self.ema.snapshot()
+            self.epoch = epoch

@@ -33,7 +33,7 @@ from .io import atomic_write
 SCALAR_FIELDS = ("id", "method", "step", "gamma", "rho")
 REQUIRED = ("id", "method", "tokens", "response", "keep")
 PER_TOKEN_BOOL = ("response", "keep", "by_attention")
-PER_TOKEN_NUMERIC = ("loss", "rel", "rel_norm", "attn_score", "score", "weight")
+PER_TOKEN_NUMERIC = ("loss", "rel", "rel_norm", "attn_score", "attn_norm", "score", "weight")
 PER_TOKEN = PER_TOKEN_BOOL + PER_TOKEN_NUMERIC
 
 # Per-token outcome letters (token_states): prompt, response not kept, kept, kept mainly by attention.
@@ -97,9 +97,12 @@ def check_record(rec: Any, where: str = "record") -> dict:
 
 
 def derive_by_attention(rec: Mapping) -> list[bool]:
-    """Per token: kept, and ``(1-gamma)*attn_score > gamma*rel_norm`` (attention outweighed REL
-    in the combined score). All False when ``gamma``, ``rel_norm`` or ``attn_score`` is missing."""
-    g, rn, a = rec.get("gamma"), rec.get("rel_norm"), rec.get("attn_score")
+    """Per token: kept, and ``(1-gamma)*attn > gamma*rel_norm`` (attention outweighed REL in
+    the combined score), ``attn`` the normalized attention score (``attn_norm``, with
+    ``--normalize rank``) or else ``attn_score``. All False when ``gamma``, ``rel_norm`` or
+    the attention score is missing."""
+    g, rn = rec.get("gamma"), rec.get("rel_norm")
+    a = rec.get("attn_norm") if rec.get("attn_norm") is not None else rec.get("attn_score")
     if g is None or rn is None or a is None:
         return [False] * len(rec["tokens"])
     return [bool(k) and x is not None and y is not None and (1 - g) * y > g * x

@@ -214,9 +214,9 @@ def check_launch(model_args: ModelArguments, finetune_args: FinetuneArguments,
     name, stage = engine(train_args)
     sharded = name == "fsdp" or (name == "deepspeed" and stage == 3)
     label = "FSDP" if name == "fsdp" else f"DeepSpeed ZeRO-{stage}"
-    if sharded and sel_args.method == "sstoken" and sel_args.history == "ema":
-        problems.append(f"--history ema under {label}: the EMA does not yet track sharded "
-                        "parameters; use --history base")
+    if sharded and sel_args.method == "sstoken" and sel_args.history in ("ema", "epoch"):
+        problems.append(f"--history {sel_args.history} under {label}: the history copy does not "
+                        "yet track sharded parameters; use --history base")
     if sharded and model_args.loss_chunk_size > 0:
         problems.append(f"--loss_chunk_size {model_args.loss_chunk_size} under {label}: the "
                         "chunked loss needs the unsharded lm_head weight; use --loss_chunk_size 0 "

@@ -10,7 +10,10 @@ Equations of the ssToken paper (Qin et al., ICLR 2026, arXiv:2510.18250):
 
 * Eq. 3   ``REL(i) = loss_history(i) - loss_current(i)``          -> :func:`excess_loss`
 * Eq. 5-7 ``AttnScore(i) = mean_h sum_{j in P} softmax_j(q_i k_j / sqrt(d))`` -> :func:`attn_prompt_mass`
+          (beyond the paper, ``--attn_sink k``: the first k keys left out, the rest renormalized)
 * Eq. 8   min-max of REL over R within each sample                 -> :func:`minmax_normalize`
+          (beyond the paper, ``--normalize rank``: both signals to per-sample percentiles
+          -> :func:`percentile_normalize`)
 * Eq. 9   ``score = gamma * norm(REL) + (1 - gamma) * AttnScore``  -> :func:`sstoken_score`
 * Eq. 10  NLL over kept tokens / number of kept tokens             -> :func:`selected_loss`
 * Eq. 11  keep the top ``ceil(rho * |R|)`` tokens of each sample   -> :func:`select_top_per_sample`
@@ -280,11 +283,41 @@ def minmax_normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, out, torch.zeros_like(x))
 
 
+def percentile_normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample percentile over R (``--normalize rank``, beyond the paper): token i of a
+    sample with n response tokens maps to ``(r_i - 1) / (n - 1)``, r_i its rank (1 = smallest)
+    among them with ties sharing their average rank. Uniform on [0, 1] whatever the signal's
+    shape, so ``gamma`` in Eq. 9 mixes two signals on the same scale. A sample with one
+    response token (or all equal) maps to 0.5. (B, L) -> (B, L) float64, zero off R (float64
+    so that a mix of two percentiles ties exactly where the fractions do).
+
+    Sort-based, O(L log L): the rank is found by binary search in the sorted row.
+    """
+    xd = x.double()
+    big = torch.full_like(xd, math.inf)
+    row = torch.sort(torch.where(mask, xd, big), dim=1).values                 # (B, L), R first
+    v = torch.where(mask, xd, torch.zeros_like(xd)).contiguous()
+    below = torch.searchsorted(row, v, side="left")                            # # strictly less
+    upto = torch.searchsorted(row, v, side="right")                            # # less or equal
+    n = mask.sum(dim=1, keepdim=True).double()                                 # (B, 1)
+    avg_rank0 = below.double() + (upto - below - 1).double() / 2               # 0-based, tie avg
+    pct = torch.where(n > 1, avg_rank0 / (n - 1).clamp(min=1), torch.full_like(avg_rank0, 0.5))
+    return torch.where(mask, pct, torch.zeros_like(pct))
+
+
 def sstoken_score(rel_norm: torch.Tensor, attn_score: torch.Tensor, mask: torch.Tensor,
                   gamma: float) -> torch.Tensor:
     """Eq. 9: ``gamma * norm(REL) + (1 - gamma) * AttnScore`` on R. (B, L)."""
     s = gamma * rel_norm + (1.0 - gamma) * attn_score
     return torch.where(mask, s, torch.zeros_like(s))
+
+
+def rank_score(rel_pct: torch.Tensor, attn_pct: torch.Tensor, mask: torch.Tensor,
+               gamma: float) -> torch.Tensor:
+    """Eq. 9 on percentiles (``--normalize rank``): :func:`sstoken_score` in float64, rounded
+    to 12 decimals, so two tokens whose percentile mixes are equal as fractions tie exactly
+    (and the earlier position wins, as everywhere) instead of by float rounding. (B, L)."""
+    return torch.round(sstoken_score(rel_pct.double(), attn_pct.double(), mask, gamma), decimals=12)
 
 
 def attention_driven(rel_norm: torch.Tensor, attn_score: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -297,13 +330,40 @@ def attention_driven(rel_norm: torch.Tensor, attn_score: torch.Tensor, gamma: fl
 
 # --------------------------------------------------------------------------- attention score
 
-def attn_prompt_mass_from_probs(attn_probs: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+def attn_prompt_mass_from_probs(attn_probs: torch.Tensor, prompt_mask: torch.Tensor,
+                                sink_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Reference Eq. 5-7 from materialized attention probabilities.
 
     attn_probs (B, H, L, L) rows = queries, prompt_mask (B, L) bool -> (B, L): for every query
     i, the attention mass on prompt keys, averaged over heads.
+
+    With ``sink_mask`` (B, L) bool (``--attn_sink``, beyond the paper): the sink keys S leave
+    the sum and each head's remaining distribution is renormalized before the head mean,
+    ``mean_h sum_{j in P minus S} p_hij / (1 - sum_{j in S} p_hij)`` (0 where a head puts all
+    its mass on S).
     """
-    return (attn_probs.float() * prompt_mask[:, None, None, :].float()).sum(-1).mean(1)
+    p = attn_probs.float()
+    if sink_mask is None:
+        return (p * prompt_mask[:, None, None, :].float()).sum(-1).mean(1)
+    kept = (prompt_mask & ~sink_mask)[:, None, None, :].float()
+    rest = (p * (~sink_mask)[:, None, None, :].float()).sum(-1)                # (B, H, L)
+    return _renormalized((p * kept).sum(-1), rest).mean(1)
+
+
+def _renormalized(mass: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """``mass / rest`` per head (``rest`` the mass off the sink, summed directly rather than
+    as ``1 - sink mass``, which cancels in float32 when the sink takes nearly everything);
+    0 where (almost) everything is on the sink; at most 1."""
+    ok = rest > 1e-6
+    return torch.where(ok, mass / torch.where(ok, rest, torch.ones_like(rest)),
+                       torch.zeros_like(mass)).clamp(0.0, 1.0)
+
+
+def sink_keys(attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` non-pad positions of each sequence (``--attn_sink k``): the keys a
+    causal LM parks attention on (the attention sink). (B, L) bool."""
+    real = attention_mask.bool()
+    return real & (real.long().cumsum(dim=1) <= k)
 
 
 def allowed_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int,
@@ -325,25 +385,36 @@ def allowed_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int,
 
 
 def attn_prompt_mass(query: torch.Tensor, key: torch.Tensor, prompt_mask: torch.Tensor,
-                     attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                     attention_mask: torch.Tensor | None, scaling: float,
+                     sink_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 5-7 in one fused attention call, O(L) extra memory (the fast path).
 
     ``sum_{j in P} softmax_j(q_i . k_j * scaling)`` is the output of attention with the value
-    vector ``v_j = 1[j in P]``, so SDPA computes it without materializing (L, L) scores.
+    vector ``v_j = 1[j in P]``, so SDPA computes it without materializing (L, L) scores. With
+    ``sink_mask`` a second value channel ``1[j not in S]`` gives each head's mass off the sinks in the same
+    call, and the score is renormalized as in :func:`attn_prompt_mass_from_probs`.
 
     query (B, H, L, D), key (B, Hkv, L, D) (GQA key heads are repeated), prompt_mask (B, L)
-    bool, attention_mask as the model passed it (see :func:`allowed_mask`) -> (B, L) float32.
-    Rows with no allowed key (left-padding queries) give 0.
+    bool, attention_mask as the model passed it (see :func:`allowed_mask`), sink_mask (B, L)
+    bool or None -> (B, L) float32. Rows with no allowed key (left-padding queries) give 0.
     """
     B, H, L, D = query.shape
-    Hkv = key.shape[1]
+    Hkv, K = key.shape[1], key.shape[2]
     if Hkv != H:
-        key = key.repeat_interleave(H // Hkv, dim=1)                  # (B, H, L, D)
-    mask = allowed_mask(attention_mask, L, key.shape[2], query.device)
-    value = prompt_mask[:, None, :, None].to(query.dtype).expand(B, H, key.shape[2], D)
+        key = key.repeat_interleave(H // Hkv, dim=1)                  # (B, H, K, D)
+    mask = allowed_mask(attention_mask, L, K, query.device)
+    value = query.new_zeros(B, H, K, D)
+    if sink_mask is None:
+        value[..., 0] = prompt_mask[:, None, :K].to(query.dtype)
+    else:
+        value[..., 0] = (prompt_mask & ~sink_mask)[:, None, :K].to(query.dtype)
+        value[..., 1] = (~sink_mask)[:, None, :K].to(query.dtype)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                          is_causal=mask is None and L > 1, scale=scaling)
-    return torch.nan_to_num(out[..., 0].float(), nan=0.0).mean(1)      # (B, L)
+    out = torch.nan_to_num(out.float(), nan=0.0)                       # (B, H, L, D)
+    if sink_mask is None:
+        return out[..., 0].mean(1)                                     # (B, L)
+    return _renormalized(out[..., 0], out[..., 1]).mean(1)
 
 
 # --------------------------------------------------------------------------- selection
@@ -353,6 +424,21 @@ def num_keep(n: int | torch.Tensor, rho: float):
     if isinstance(n, torch.Tensor):
         return torch.ceil(torch.round(n.double() * rho, decimals=9)).long().clamp(max=n)
     return min(int(n), math.ceil(round(n * rho, 9)))
+
+
+RHO_FLOOR = 0.1
+
+
+def unlearned_rho(n_unlearned: float, n_response: float, floor: float = RHO_FLOOR) -> float:
+    """``--rho_rule unlearned`` (beyond the paper): the next step keeps the share of response
+    tokens the model has not learned yet, ``rho_t = max(floor, n_unlearned / n_response)``,
+    counted on the previous optimizer step (all micro-batches and processes) as the tokens
+    with ``p(x_i) < --learned_prob``. The gradient of a token's NLL w.r.t. its logits has norm
+    at most ``sqrt(2) (1 - p)``: learned tokens add little, so the budget shrinks as the model
+    learns, and the ssToken score still decides *which* tokens fill it."""
+    if n_response <= 0:
+        raise ValueError("unlearned_rho: no response tokens counted")
+    return max(floor, min(1.0, n_unlearned / n_response))
 
 
 def _rank_desc(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

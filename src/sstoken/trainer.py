@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections import defaultdict
@@ -28,13 +29,13 @@ from transformers import Trainer
 from . import attention
 from .args import SelectionArguments
 from .data import DATA_WEIGHT
-from .history import BaseHistory, EMAHistory, eval_mode
+from .history import BaseHistory, EMAHistory, EpochHistory, eval_mode
 from .methods import Selection, Tokens, get_method
 from .weightings import get_weighting
 from .modeling import forward_token_stats, unwrap
 from .io import atomic_write
 from .records import write_scores
-from .scoring import pearson, response_mask, selected_loss
+from .scoring import pearson, response_mask, selected_loss, sink_keys, unlearned_rho
 
 
 STATE_FILE = "sstoken_state.json"
@@ -151,6 +152,8 @@ class SelectionMixin:
             if selection.history == "ema":
                 self.history = EMAHistory(self.model, selection.ema_alpha)
                 self.add_callback(self.history.callback)
+            elif selection.history == "epoch":
+                self.history = EpochHistory(self.model)
             elif not self._has_cached_history():
                 self.history = BaseHistory(self.model)
         self.reference = None                  # the frozen base a weighting anchors to (ASFT)
@@ -158,6 +161,7 @@ class SelectionMixin:
             self.reference = self.history if isinstance(self.history, BaseHistory) \
                 else BaseHistory(self.model)
         self.stats = SelectionStats()
+        self.unlearned = [0.0, 0.0]            # --rho_rule unlearned: (unlearned, response) tokens
         self.records: dict[str, dict] = {}
         self.started, self.seconds_before = time.time(), 0.0   # seconds trained before a resume
 
@@ -215,7 +219,10 @@ class SelectionMixin:
         if self.ema is not None:
             self.ema.save(folder)
         state = {"seconds": self.seconds_before + time.time() - self.started,
-                 "stats": stats, "records": records}
+                 "stats": stats, "records": records, "rho": self.method.rho,
+                 "unlearned": self._unlearned_counts()}
+        if isinstance(self.history, EpochHistory):
+            state["history_epoch"] = self.history.epoch
         atomic_write(Path(folder) / STATE_FILE, json.dumps(state))
 
     def all_records(self) -> dict[str, dict]:
@@ -244,6 +251,10 @@ class SelectionMixin:
         self.seconds_before = state["seconds"]
         if self.is_world_process_zero():       # the saved statistics are already over all ranks
             self.stats.s.update(state["stats"])
+            self.unlearned = list(state.get("unlearned", [0.0, 0.0]))    # likewise
+        self.method.rho = state.get("rho", self.sel.rho)
+        if isinstance(self.history, EpochHistory):
+            self.history.epoch = state["history_epoch"]
         self.records = state["records"]
 
     def _save_rng_state(self, output_dir):
@@ -254,8 +265,20 @@ class SelectionMixin:
         self.save_extra_state(output_dir)
 
     # ------------------------------------------------------------------ normalization
+    def _unlearned_counts(self) -> list[float]:
+        """The (unlearned, response) token counts since the last step, over every process."""
+        if self.args.world_size == 1:
+            return list(self.unlearned)
+        t = torch.tensor(self.unlearned, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(t, reduction="sum").tolist()
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.sel.rho_rule == "unlearned":           # this step's rho from the last one's tokens
+            counts = self._unlearned_counts()          # (a collective call: every rank is here)
+            if counts[1] > 0:
+                self.method.rho = unlearned_rho(*counts)
+            self.unlearned = [0.0, 0.0]
         kept = sum(self.method.num_kept(response_mask(b["labels"]), b) for b in batch_samples)
         n = torch.tensor(kept, dtype=torch.float32, device=device)
         if self.args.world_size > 1:
@@ -269,12 +292,16 @@ class SelectionMixin:
         resp = response_mask(inputs["labels"])                               # R (B, L)
         step, max_steps = int(self.state.global_step), int(self.state.max_steps or 0)
         needs = self.method.needs(step, max_steps)
+        epoch = int((self.state.epoch or 0) + 1e-6)
+        if isinstance(self.history, EpochHistory):
+            self.history.start_epoch(epoch)            # before the first update of a new epoch
         history = inputs.get("history_loss")
         if needs.history and history is None:          # before the training forward (EMA swap)
             history = self.history.losses(model, inputs["input_ids"], inputs["attention_mask"],
                                           resp, self.loss_chunk_size)
         if needs.attention:
-            self.hook.arm(inputs["attention_mask"].bool() & ~resp)          # P: non-pad, not R
+            sink = sink_keys(inputs["attention_mask"], self.sel.attn_sink) if self.sel.attn_sink else None
+            self.hook.arm(inputs["attention_mask"].bool() & ~resp, sink)    # P: non-pad, not R
         reference = None
         if self.weighting.needs_reference:              # before the training forward, like history
             reference = self.reference.reference(model, inputs["input_ids"], inputs["attention_mask"])
@@ -315,6 +342,10 @@ class SelectionMixin:
         if model.training:
             self.stats.add(t, sel)
             self._save_records(t, sel)
+            if self.sel.rho_rule == "unlearned":
+                unlearned = t.loss > -math.log(self.sel.learned_prob)               # (B, L) on R
+                self.unlearned[0] += float((unlearned & t.resp).sum())
+                self.unlearned[1] += float(t.resp.sum())
         return (loss, None) if return_outputs else loss
 
     @torch.no_grad()
@@ -329,6 +360,8 @@ class SelectionMixin:
             if self.args.world_size > 1:
                 self.stats.reduce(self.accelerator)
             logs.update(self.stats.pop())
+            if self.sel.rho_rule != "fixed":
+                logs["sel/rho"] = self.method.rho
         return super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ saved scores
@@ -349,7 +382,7 @@ class SelectionMixin:
                 return [float(v) if rr else None for v, rr in zip(x[b, :n].tolist(), r)]
 
             rec = {"id": ex.id, "method": self.sel.method, "step": int(self.state.global_step),
-                   "gamma": sel.gamma, "rho": self.sel.rho,
+                   "gamma": sel.gamma, "rho": self.method.rho,
                    "tokens": [tok.decode([i]) for i in ex.input_ids] if tok is not None else None,
                    "response": r, "keep": sel.keep[b, :n].tolist(), "loss": col(t.loss),
                    "by_attention": [False] * n}

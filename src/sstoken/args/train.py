@@ -126,11 +126,24 @@ class SelectionArguments:
     rho: float = _h("Selection ratio: the fraction of response tokens trained on (0, 1].", 0.6)
     gamma: float = _h("ssToken balance (Eq. 9): gamma * minmax(REL) + (1 - gamma) * AttnScore. "
                       "1 = REL only, 0 = attention only.", 0.5)
+    normalize: str = _h("ssToken: how both signals are put on one scale before Eq. 9. minmax "
+                        "(the paper: REL min-max per sample, the attention score as is) or rank "
+                        "(both to their per-sample percentile, so gamma sets a real mix; "
+                        "docs/design.md, Beyond the paper).", "minmax")
+    attn_sink: int = _h("ssToken: leave the first N tokens of each sequence (the attention sink) "
+                        "out of the attention score and renormalize the rest; 0 = the paper.", 0)
+    rho_rule: str = _h("How many tokens each step keeps: fixed (rho, the paper) or unlearned "
+                       "(the share of the previous step's response tokens the model still gives "
+                       "a probability below --learned_prob, at least 0.1; rho for the first "
+                       "step).", "fixed")
+    learned_prob: float = _h("rho_rule unlearned: a token counts as learned once the model "
+                             "gives it at least this probability.", 0.5)
     attn_layer: str = _h("Layer of the attention score: an index (negative from the end; -1 = "
                          "last, as in the official code) or shallow/middle/deep.", "-1")
     history: str = _h("ssToken history model: base (the model before SFT; with LoRA the same "
-                      "network with the adapter disabled) or ema (an EMA of the trained weights; "
-                      "with LoRA an EMA of the adapter factors).", "base")
+                      "network with the adapter disabled), ema (an EMA of the trained weights; "
+                      "with LoRA an EMA of the adapter factors) or epoch (the model at the start "
+                      "of the current epoch; in epoch 1 the base model).", "base")
     ema_alpha: float = _h("EMA decay for history=ema (Eq. 4): his <- a * his + (1 - a) * theta.", 0.99)
     history_losses: str = _h("Where base-model losses come from: auto (the cache from `sstoken "
                              "score` if one matches, else computed online), online, or a cache "
@@ -164,7 +177,11 @@ class SelectionArguments:
         c.choice("method", self.method, list(METHODS))
         c(0 < self.rho <= 1, f"--rho must be in (0, 1], got {self.rho}")
         c(0 <= self.gamma <= 1, f"--gamma must be in [0, 1], got {self.gamma}")
-        c.choice("history", self.history, ("base", "ema"))
+        c.choice("history", self.history, ("base", "ema", "epoch"))
+        c.choice("normalize", self.normalize, ("minmax", "rank"))
+        c(self.attn_sink >= 0, f"--attn_sink must be >= 0, got {self.attn_sink}")
+        c.choice("rho_rule", self.rho_rule, ("fixed", "unlearned"))
+        c(0 < self.learned_prob < 1, f"--learned_prob must be in (0, 1), got {self.learned_prob}")
         c(0 < self.ema_alpha < 1, f"--ema_alpha must be in (0, 1), got {self.ema_alpha}")
         c(0 <= self.rel_warmup < 1, f"--rel_warmup must be in [0, 1), got {self.rel_warmup}")
         c.choice("scope", self.scope, ("auto", "sample", "batch", "pool"))
@@ -182,6 +199,12 @@ class SelectionArguments:
             c(False, f"--{e}")
         if self.method in METHODS:
             c.problems += METHODS[self.method].check(self)
+            c(self.rho_rule == "fixed" or METHODS[self.method].adaptive_rho,
+              f"--rho_rule {self.rho_rule}: --method {self.method} has no per-step rho to adapt "
+              "(use random, rho1 or sstoken)")
+        for name, default in (("normalize", "minmax"), ("attn_sink", 0)):
+            c(self.method == "sstoken" or getattr(self, name) == default,
+              f"--{name} applies to --method sstoken only (got --method {self.method})")
         from ..weightings import WEIGHTINGS
 
         c.choice("weighting", self.weighting, list(WEIGHTINGS))

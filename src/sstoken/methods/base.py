@@ -75,9 +75,11 @@ class Method:
 
     name: ClassVar[str] = "full"
     default_scope: ClassVar[str] = "sample"
+    adaptive_rho: ClassVar[bool] = True     # --rho_rule unlearned may set rho before each step
 
     def __init__(self, args: SelectionArguments):
         self.args = args
+        self.rho = args.rho                 # this step's kept fraction (--rho, or --rho_rule's)
 
     @staticmethod
     def check(args: SelectionArguments) -> list[str]:
@@ -93,7 +95,7 @@ class Method:
 
     def num_kept(self, resp: torch.Tensor, batch: dict) -> int:
         """Tokens this micro-batch keeps, from the labels alone (before the forward)."""
-        return int(num_keep(resp.sum(dim=1), self.args.rho).sum())
+        return int(num_keep(resp.sum(dim=1), self.rho).sum())
 
     def select(self, t: Tokens) -> Selection:
         raise NotImplementedError
@@ -102,10 +104,10 @@ class Method:
     def top(self, score: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
         """Keep the top ``ceil(rho * |R|)`` per sample (Eq. 11) or per micro-batch (scope batch)."""
         if self.args.scope == "batch":
-            return select_top_flat(score, resp, int(num_keep(int(resp.sum()), self.args.rho)))
-        return select_top_per_sample(score, resp, self.args.rho)
+            return select_top_flat(score, resp, int(num_keep(int(resp.sum()), self.rho)))
+        return select_top_per_sample(score, resp, self.rho)
 
     def num_kept_top(self, resp: torch.Tensor) -> int:
         if self.args.scope == "batch":
-            return int(num_keep(int(resp.sum()), self.args.rho))
-        return int(num_keep(resp.sum(dim=1), self.args.rho).sum())
+            return int(num_keep(int(resp.sum()), self.rho))
+        return int(num_keep(resp.sum(dim=1), self.rho).sum())

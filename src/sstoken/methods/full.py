@@ -9,6 +9,7 @@ from .base import Method, Selection, Tokens
 
 class Full(Method):
     name = "full"
+    adaptive_rho = False                    # keeps everything: no rho to adapt
 
     def num_kept(self, resp: torch.Tensor, batch: dict) -> int:
         return int(resp.sum())

@@ -19,4 +19,4 @@ class Random(Method):
     def select(self, t: Tokens) -> Selection:
         gens = [torch.Generator().manual_seed(hash((t.seed, t.epoch, int(i))) & 0x7FFFFFFF)
                 for i in t.index.tolist()]
-        return Selection(keep=select_random(t.resp, self.args.rho, gens))
+        return Selection(keep=select_random(t.resp, self.rho, gens))

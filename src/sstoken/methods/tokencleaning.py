@@ -52,6 +52,7 @@ def pool_keep(examples, rho: float, scope: str, base_field: str = "base_loss",
 
 class TokenCleaning(Method):
     name = "tokencleaning"
+    adaptive_rho = False                    # the keep mask is fixed before training
     default_scope = "pool"
 
     @property

@@ -35,7 +35,9 @@ from ..records import SCALAR_FIELDS, finite, token_states
 # Tooltip label and longer description (the page's legend hint) of a per-token number; a field
 # not listed here is shown under its own name.
 LABELS = {"loss": ("loss", "loss"), "rel": ("REL", "REL"), "rel_norm": ("norm REL", "normalized REL"),
-          "attn_score": ("attention", "attention score"), "score": ("score", "combined score"),
+          "attn_score": ("attention", "attention score"),
+          "attn_norm": ("norm attn", "attention score as a percentile (--normalize rank)"),
+          "score": ("score", "combined score"),
           "weight": ("weight", "token weight (--weighting)")}
 
 

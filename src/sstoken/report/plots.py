@@ -168,11 +168,12 @@ def plot_rel_vs_attn(records: list[dict], out_path: str | os.PathLike,
 
     per: dict[str, dict] = {}
     for r in records:
-        if r.get("rel_norm") is None or r.get("attn_score") is None:
+        attn = r.get("attn_norm") if r.get("attn_norm") is not None else r.get("attn_score")
+        if r.get("rel_norm") is None or attn is None:
             continue
         d = per.setdefault(r["method"], {"pts": [], "gammas": set()})
         d["gammas"].add(r.get("gamma"))
-        d["pts"].extend((a, rn, s) for rn, a, s in zip(r["rel_norm"], r["attn_score"], token_states(r))
+        d["pts"].extend((a, rn, s) for rn, a, s in zip(r["rel_norm"], attn, token_states(r))
                         if s != "p" and finite(rn) and finite(a))
     per = {m: d for m, d in per.items() if d["pts"]}
     if not per:
@@ -196,7 +197,7 @@ def plot_rel_vs_attn(records: list[dict], out_path: str | os.PathLike,
                     label=f"(1-\u03b3)\u00b7attn = \u03b3\u00b7normREL (\u03b3={g:g})")
             ax.set_ylim(-0.04, 1.04)
         ax.set_title(m, fontsize=10)
-        ax.set_xlabel("attention score (prompt mass)", fontsize=9)
+        ax.set_xlabel("attention score (prompt mass; percentile under --normalize rank)", fontsize=9)
         ax.set_ylabel("normalized REL", fontsize=9)
         ax.tick_params(labelsize=8)
         ax.legend(fontsize=7, markerscale=2.5, loc="upper right")

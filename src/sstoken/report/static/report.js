@@ -106,9 +106,11 @@ function tipText(t, holder) {
       const v = d.vals[k] ? d.vals[k][j] : null;
       lines.push((label + '          ').slice(0, 11) + (v === null || v === undefined ? '-' : v.toFixed(3)));
     }
-    const g = run.gamma, rn = d.vals.rel_norm && d.vals.rel_norm[j], at = d.vals.attn_score && d.vals.attn_score[j];
+    const an = d.vals.attn_norm ? d.vals.attn_norm[j] : null;        // --normalize rank
+    const g = run.gamma, rn = d.vals.rel_norm && d.vals.rel_norm[j];
+    const at = an !== null && an !== undefined ? an : d.vals.attn_score && d.vals.attn_score[j];
     if (g !== null && g !== undefined && rn !== null && rn !== undefined && at !== null && at !== undefined)
-      lines.push('score = \u03b3\u00b7normREL + (1-\u03b3)\u00b7attn = ' + (g * rn).toFixed(3) + ' + ' + ((1 - g) * at).toFixed(3));
+      lines.push('score = \u03b3\u00b7normREL + (1-\u03b3)\u00b7' + (an !== null && an !== undefined ? 'normAttn' : 'attn') + ' = ' + (g * rn).toFixed(3) + ' + ' + ((1 - g) * at).toFixed(3));
   }
   return lines.join('\n');
 }
