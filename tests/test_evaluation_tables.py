@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sstoken.evaluation import (LOWER_IS_BETTER, PRIMARY, cells_of, compare, load_eval, results_table,
+from sstoken.evaluation import (is_loss, primary, cells_of, compare, load_eval, results_table,
                                 with_average)
 from sstoken.stats import seed_groups
 
@@ -55,7 +55,8 @@ def test_cells_and_average_of_one_run(tmp_path):
     assert cols == ["arc_easy", "mmlu", "average", "heldout"]
     assert cells["arc_easy"] == (50.0, None) and cells["mmlu"] == pytest.approx((30.0, 1.0))
     assert cells["heldout"] == (1.25, 0.02) and cells["average"] == (pytest.approx(40.0), None)
-    assert LOWER_IS_BETTER == {"heldout"} and PRIMARY["heldout"] == "loss"
+    assert is_loss("heldout") and is_loss("heldout_chat") and not is_loss("hellaswag")
+    assert primary("heldout") == primary("heldout_chat") == "loss" and primary("mmlu") == "acc"
 
 
 def _seed_run(root: Path, name: str, acc: float, loss: float) -> str:

@@ -20,6 +20,8 @@ Example (``configs/sweep-smollm2.yaml``)::
       limit: 100
       include_base: true
       heldout: {data: embedded:gsm8k, skip_samples: 500, max_samples: 300}
+      # or several sets by name (tasks heldout_gsm8k, heldout_chat):
+      # heldout: {gsm8k: {data: embedded:gsm8k, ...}, chat: {data: embedded:sharegpt, ...}}
 
 Every run lands in ``<output_dir>/runs/<name>/``; a run whose ``sstoken_run.json`` and
 ``eval.json`` exist is skipped, so an interrupted sweep continues where it stopped. The base
@@ -41,6 +43,8 @@ from .errors import UsageError
 from .io import atomic_write, log
 
 NEEDS_REF = ("rho1", "tokencleaning")
+# options that always appear in a run's name when a grid entry sets them
+NAMED = ("gamma", "rho", "attn_layer", "weighting", "normalize", "attn_sink", "rho_rule", "history")
 SPEC_KEYS = ("output_dir", "base", "reference", "grid", "seeds", "eval")
 # sweep-only eval keys; every other eval key is an option of `sstoken eval`
 EVAL_SWEEP_KEYS = ("include_base", "benchmark_seeds", "heldout")
@@ -68,7 +72,7 @@ def expand(spec: dict) -> list[dict]:
         for combo in itertools.product(*values):
             opts = dict(zip(keys, combo))
             varying = [k for k, v in zip(keys, values)
-                       if len(v) > 1 or k in ("gamma", "rho", "attn_layer", "weighting")]
+                       if len(v) > 1 or k in NAMED]
             points.append((opts["method"] + "".join(f"-{k}{_fmt(opts[k])}" for k in varying
                                                     if k != "method"), opts))
     runs, seen = [], set()
@@ -126,10 +130,11 @@ def check_spec(spec: Any, where: str) -> dict:
     problems += [f"{where}: eval.{k} is not an option of `sstoken eval` (or one of "
                  f"{', '.join(EVAL_SWEEP_KEYS)})" for k in ev if k not in eval_keys]
     held = ev.get("heldout")
-    if held is not None and (not isinstance(held, dict) or "data" not in held
-                             or set(held) - set(HELDOUT_KEYS)):
-        problems.append(f"{where}: eval.heldout takes {', '.join(HELDOUT_KEYS)} (data required); "
-                        f"got {held!r}")
+    for name, h in _heldout_sets(held).items():
+        if not isinstance(h, dict) or "data" not in h or set(h) - set(HELDOUT_KEYS):
+            at = "eval.heldout" + (f".{name}" if name else "")
+            problems.append(f"{where}: {at} takes {', '.join(HELDOUT_KEYS)} (data required), or "
+                            f"several such sets by name; got {h!r}")
     if ev.get("benchmark_seeds") is not None and held is None:
         problems.append(f"{where}: eval.benchmark_seeds needs eval.heldout (the other seeds get only that)")
     if problems:
@@ -215,7 +220,7 @@ def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = No
 def _ablation_plots(runs: list[Path], out: Path) -> dict[str, str]:
     """sstoken runs' benchmark average and held-out loss against gamma and rho (when the sweep
     varies them); seeds at the same point are averaged, with their stderr as the error bar."""
-    from .evaluation import LOWER_IS_BETTER, PRIMARY, cells_of, load_eval, with_average
+    from .evaluation import cells_of, is_loss, load_eval, primary, with_average
     from .report import plot_ablation
 
     rows = []
@@ -225,13 +230,13 @@ def _ablation_plots(runs: list[Path], out: Path) -> dict[str, str]:
             continue
         (cells,), _ = with_average([cells_of(load_eval(d))])       # benchmarks in %, loss in nats
         row = {"method": "sstoken", "gamma": s["gamma"], "rho": s["rho"], "average": cells["average"][0]}
-        for t in LOWER_IS_BETTER & set(cells):
-            row[f"{t} {PRIMARY[t]}"] = cells[t][0]
+        for t in filter(is_loss, cells):
+            row[f"{t} {primary(t)}"] = cells[t][0]
         rows.append(row)
     plots = {}
     for x in ("gamma", "rho"):
         if len({r[x] for r in rows}) > 1:
-            for y in ["average"] + [f"{t} {PRIMARY[t]}" for t in sorted(LOWER_IS_BETTER)]:
+            for y in ["average"] + sorted({k for r in rows for k in r if k.endswith(" loss")}):
                 name = f"ablation_{x}" + ("" if y == "average" else "_" + y.split()[0])
                 p = plot_ablation(rows, x, y, out / f"{name}.png")
                 if p:
@@ -277,17 +282,30 @@ def _reference(spec: dict, base: dict, root: Path) -> Path:
     return merged
 
 
+def _heldout_sets(held) -> dict:
+    """``eval.heldout`` as ``{name: set}``: one set (a mapping with ``data``) is ``{"": set}``
+    (task ``heldout``); a mapping of names to sets gives task ``heldout_<name>`` for each."""
+    if held is None:
+        return {}
+    if isinstance(held, dict) and held and "data" not in held and \
+            all(isinstance(v, dict) for v in held.values()):
+        return {str(k): v for k, v in held.items()}
+    return {"": held}
+
+
 def _evaluate(model: str, adapter: str | None, out: Path, ev: dict, base: dict) -> None:
     """Evaluate one run (keys as checked by :func:`check_spec`)."""
     from .args import TemplateArguments
     from .evaluation import evaluate
 
-    heldout = None
-    if ev.get("heldout"):
-        h = ev["heldout"]
-        heldout = {"data": h["data"], "skip": int(h.get("skip_samples", 0)), "samples": h.get("max_samples"),
-                   "template": base.get("template", TemplateArguments.template),
-                   "max_seq_length": int(base.get("max_seq_length", TemplateArguments.max_seq_length))}
+    heldout = []
+    for name, h in _heldout_sets(ev.get("heldout")).items():
+        heldout.append({"data": h["data"], "skip": int(h.get("skip_samples", 0)),
+                        "samples": h.get("max_samples"),
+                        "template": base.get("template", TemplateArguments.template),
+                        "max_seq_length": int(base.get("max_seq_length", TemplateArguments.max_seq_length)),
+                        **({"name": name} if name else {})})
+    heldout = heldout[0] if len(heldout) == 1 and "name" not in heldout[0] else heldout or None
     out.mkdir(parents=True, exist_ok=True)
     log(f"evaluating {adapter or model} ({ev.get('preset', 'offline')}, limit {ev.get('limit')}"
         + (", held-out loss only)" if ev.get("tasks") == [] else ")"))

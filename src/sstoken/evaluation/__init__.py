@@ -29,10 +29,10 @@ from .comparison import compare
 from .harness import evaluate, metrics_of
 from .heldout import heldout_loss
 from .tables import cells_of, load_eval, results_table, seeds_table, with_average
-from .tasks import (HELDOUT, LOWER_IS_BETTER, OFFLINE_TASKS, PAPER_TASKS, PRESETS, PRIMARY,
-                    offline_task_configs, write_offline_tasks)
+from .tasks import (HELDOUT, OFFLINE_TASKS, PAPER_TASKS, PRESETS, PRIMARY, is_loss,
+                    offline_task_configs, primary, write_offline_tasks)
 
-__all__ = ["HELDOUT", "LOWER_IS_BETTER", "OFFLINE_TASKS", "PAPER_TASKS", "PRESETS", "PRIMARY",
+__all__ = ["HELDOUT", "OFFLINE_TASKS", "PAPER_TASKS", "PRESETS", "PRIMARY", "is_loss", "primary",
            "cells_of", "compare", "evaluate", "heldout_loss", "load_eval", "metrics_of",
            "offline_task_configs", "results_table", "seeds_table", "with_average",
            "write_offline_tasks"]

@@ -98,7 +98,7 @@ def evaluate(*, model: str, adapter: str | None = None, preset: str = "offline",
              tasks: list[str] | None = None, limit: int | float | None = None, batch_size: int = 8,
              device: str = "cpu", num_fewshot: int | None = None,
              output_dir: str | os.PathLike = "outputs/eval", dtype: str = "auto",
-             chat_template: bool = False, heldout: dict | None = None) -> dict:
+             chat_template: bool = False, heldout: dict | list[dict] | None = None) -> dict:
     """Evaluate a model with lm-evaluation-harness and write ``eval.json`` and ``eval.md``.
 
     Args:
@@ -118,7 +118,8 @@ def evaluate(*, model: str, adapter: str | None = None, preset: str = "offline",
             ``apply_chat_template``; few-shot examples as turns). Off by default, as in lm-eval;
             an instruct model often answers a raw generation prompt with end-of-turn at once.
         heldout: also score held-out SFT data (see :func:`heldout_loss`): ``{"data": source,
-            "skip": records to skip, "samples": how many, "template": .., "max_seq_length": ..}``.
+            "skip": records to skip, "samples": how many, "template": .., "max_seq_length": ..}``,
+            or a list of them, each with a ``"name"``: task ``heldout_<name>`` for each.
 
     Returns the dict written to ``eval.json``: ``results = {task: {metric: value,
     metric_stderr: value or None}}`` (fractions, not %) plus the run's provenance.
@@ -172,9 +173,16 @@ def evaluate(*, model: str, adapter: str | None = None, preset: str = "offline",
     results = {short: metrics_of(raw.get(name) or mean_of_subtasks(raw, name))
                for short, name in names.items()}
     held = None
-    if heldout:
+    if isinstance(heldout, dict):
         log(f"held-out loss on {heldout['data']}")
         results[HELDOUT], held = heldout_loss(m, tok, **heldout, batch_size=batch_size)
+    elif heldout:                                   # several held-out sets, each named
+        held = {}
+        for h in heldout:
+            h = dict(h)
+            task = f"{HELDOUT}_{h.pop('name')}"
+            log(f"held-out loss on {h['data']} ({task})")
+            results[task], held[task] = heldout_loss(m, tok, **h, batch_size=batch_size)
     import peft
     import torch
     import transformers

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..stats import mean_se, paired_difference, paired_seeds, seed_groups
-from .tasks import LOWER_IS_BETTER, PRIMARY
+from .tasks import is_loss, primary
 
 Cells = dict[str, tuple[float | None, float | None]]
 
@@ -38,14 +38,14 @@ def load_eval(path: str | os.PathLike) -> dict:
 
 def _scale(task: str) -> float:
     """Benchmark fractions are shown in %, the held-out loss in nats."""
-    return 1.0 if task in LOWER_IS_BETTER else 100.0
+    return 1.0 if is_loss(task) else 100.0
 
 
 def cells_of(report: dict) -> Cells:
     """``{task: (primary metric, its stderr)}`` of one report (benchmarks in %, the loss in nats)."""
     out = {}
     for task, metrics in report["results"].items():
-        metric = PRIMARY.get(task, "acc")
+        metric = primary(task)
         if metric not in metrics:
             metric = next((k for k in metrics if not k.endswith("_stderr")), None)
         if metric is None:
@@ -61,25 +61,25 @@ def with_average(cells: list[Cells]) -> tuple[list[Cells], list[str]]:
     only for rows that have every benchmark. Returns the rows (the same dicts, updated) and the
     column order: benchmarks, ``average``, then the losses."""
     tasks = list(dict.fromkeys(t for c in cells for t in c))
-    bench = [t for t in tasks if t not in LOWER_IS_BETTER]
+    bench = [t for t in tasks if not is_loss(t)]
     for c in cells:
         vals = [c[t][0] for t in bench if t in c and c[t][0] is not None]
         c["average"] = (sum(vals) / len(vals) if vals and len(vals) == len(bench) else None, None)
-    return cells, bench + ["average"] + [t for t in tasks if t in LOWER_IS_BETTER]
+    return cells, bench + ["average"] + [t for t in tasks if is_loss(t)]
 
 
 def _header(cols: list[str]) -> str:
     def name(t):
         if t == "average":
             return "average"
-        return f"{t} ({PRIMARY.get(t, 'acc')}{', lower is better' if t in LOWER_IS_BETTER else ''})"
+        return f"{t} ({primary(t)}{', lower is better' if is_loss(t) else ''})"
     return "| run | " + " | ".join(name(t) for t in cols) + " |\n|" + " --- |" * (len(cols) + 1)
 
 
 def _fmt_cell(v: float | None, se: float | None, task: str, bold: bool) -> str:
     if v is None:
         return "-"
-    d = 4 if task in LOWER_IS_BETTER else 1
+    d = 4 if is_loss(task) else 1
     s = f"{v:.{d}f}" + (f" ± {se:.{d}f}" if se is not None else "")
     return f"**{s}**" if bold else s
 
@@ -88,7 +88,7 @@ def _best(cells: list[dict], t: str) -> float | None:
     vals = [c[t][0] for c in cells if t in c and c[t][0] is not None]
     if not vals:
         return None
-    return min(vals) if t in LOWER_IS_BETTER else max(vals)
+    return min(vals) if is_loss(t) else max(vals)
 
 
 def results_table(reports: list[dict], labels: list[str]) -> str:
@@ -155,7 +155,7 @@ def seeds_table(reports: list[dict], labels: list[str], baseline: str | None = "
                 row.append("-")
                 continue
             m, se, lo, hi = diff
-            d = 4 if t in LOWER_IS_BETTER else 1
+            d = 4 if is_loss(t) else 1
             s = f"{m:+.{d}f} ± {se:.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]"
             row.append(f"**{s}**" if (lo > 0 or hi < 0) else s)
         lines.append(f"| {g} | " + " | ".join(row) + " |")

