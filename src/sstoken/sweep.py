@@ -52,7 +52,7 @@ HELDOUT_KEYS = ("data", "skip_samples", "max_samples")
 
 
 def _fmt(v: Any) -> str:
-    return str(v).replace("/", "_").replace(" ", "")
+    return str(v).replace("/", "_").replace(" ", "").replace("embedded:", "")
 
 
 def expand(spec: dict) -> list[dict]:
@@ -175,9 +175,13 @@ def run_sweep(spec_path: str, dry_run: bool = False, only: list[str] | None = No
     ref_dir = None
     if any(r["options"]["method"] in NEEDS_REF and "ref_model" not in r["options"] for r in runs):
         ref_dir = _reference(spec, base, root)
-    # score the base model once: every sstoken run finds the losses in the cache
-    if any(r["options"]["method"] == "sstoken" for r in runs):
-        m, _, d, _, _ = _train_options({**base, "output_dir": str(root / "score")})
+    # score the base model once per training data: every sstoken run finds its losses in the cache
+    data_keys = ("data", "max_samples", "skip_samples")
+    to_score = {tuple((k, r["options"].get(k, base.get(k))) for k in data_keys)
+                for r in runs if r["options"]["method"] == "sstoken"}
+    for key in sorted(to_score, key=str):
+        m, _, d, _, _ = _train_options({**base, **{k: v for k, v in key if v is not None},
+                                        "output_dir": str(root / "score")})
         score(m, d)
     done = []
     for r in runs:
