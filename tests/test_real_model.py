@@ -33,16 +33,18 @@ def test_attention_score_matches_eager_on_smollm2(smol):
     prompt = am.bool() & ~resp
     eager = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32, attn_implementation="eager")
     sdpa = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32, attn_implementation="sdpa")
-    for layer in (-1, 14):
+    sink = scoring.sink_keys(am, 1)                             # --attn_sink 1
+    for layer, sinks in ((-1, None), (14, None), (-1, sink)):
         with torch.no_grad():
             out = eager(input_ids=batch["input_ids"], attention_mask=am, output_attentions=True)
-            ref = scoring.attn_prompt_mass_from_probs(out.attentions[layer], prompt)
+            ref = scoring.attn_prompt_mass_from_probs(out.attentions[layer], prompt, sinks)
             hook = attention.install(sdpa, layer)
-            hook.arm(prompt)
+            hook.arm(prompt, sinks)
             sdpa(input_ids=batch["input_ids"], attention_mask=am)
             got = hook.take()
         diff = float((got - ref)[resp].abs().max())
-        print(f"SmolLM2 layer {layer}: max |fused - eager| = {diff:.2e}")
+        print(f"SmolLM2 layer {layer}{' without the sink' if sinks is not None else ''}: "
+              f"max |fused - eager| = {diff:.2e}")
         assert diff < 1e-5
 
 

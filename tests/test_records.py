@@ -132,3 +132,19 @@ def test_a_new_per_token_number_needs_one_name(monkeypatch, tmp_path):
     text = page.read_text()
     assert '["margin","margin"]' in text and "combined score, token weight (--weighting), margin<" in text
     assert read_report(page)[0]["margin"] == rec["margin"]
+
+
+def test_token_classes_and_kept_by_class():
+    from sstoken.records import kept_by_class, token_class
+
+    assert token_class("<|im_end|>") == "template" and token_class("</s>") == "template"
+    assert token_class(" 4") == "number (first)" and token_class("2", " 4") == "number (later)"
+    assert token_class("5", " apples") == "number (first)" and token_class(" apples") == "word"
+    assert token_class(".") == "punctuation" and token_class("$") == "punctuation"
+    assert token_class("\n") == "whitespace" and token_class("< 3") == "number (first)"
+    rec = {"tokens": ["Q", " has", " 1", "2", " cats", ".", "<|im_end|>"],
+           "response": [False, True, True, True, True, True, True],
+           "keep": [False, True, False, True, True, False, True]}
+    got = kept_by_class([rec, {"tokens": None, "response": [True], "keep": [True]}])
+    assert got["word"] == (2, 2) and got["number (first)"] == (0, 1) and got["number (later)"] == (1, 1)
+    assert got["punctuation"] == (0, 1) and got["template"] == (1, 1) and got["whitespace"] == (0, 0)

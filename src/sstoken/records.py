@@ -157,3 +157,40 @@ def write_scores(path: str | os.PathLike, records: Iterable[Mapping]) -> Path:
         check_record(rec, f"{path}: record {i}")
         lines.append(json.dumps(dict(rec), ensure_ascii=False) + "\n")
     return atomic_write(path, "".join(lines))
+
+
+# --------------------------------------------------------------------------- token classes
+
+TOKEN_CLASSES = ("number (first)", "number (later)", "word", "punctuation", "whitespace", "template")
+
+
+def token_class(text: str, previous: str | None = None) -> str:
+    """The class of a response token from its text: ``template`` (a special marker such as
+    ``<|im_end|>``), ``number (first)`` / ``number (later)`` (holds a digit; later = the
+    token before it also holds one, so it continues a number), ``word`` (holds a letter),
+    ``whitespace``, else ``punctuation``."""
+    t = text.strip()
+    if t.startswith("<") and t.endswith(">") and len(t) > 2 and " " not in t:
+        return "template"
+    if any(c.isdigit() for c in t):
+        later = previous is not None and any(c.isdigit() for c in previous)
+        return "number (later)" if later else "number (first)"
+    if any(c.isalpha() for c in t):
+        return "word"
+    return "whitespace" if not t else "punctuation"
+
+
+def kept_by_class(records: Iterable[Mapping]) -> dict[str, tuple[int, int]]:
+    """``{class: (kept, response tokens)}`` over checked records with token text (records
+    without tokens are skipped)."""
+    out = {c: [0, 0] for c in TOKEN_CLASSES}
+    for rec in records:
+        toks = rec.get("tokens")
+        if toks is None:
+            continue
+        for i, (r, k) in enumerate(zip(rec["response"], rec["keep"])):
+            if r:
+                c = out[token_class(toks[i], toks[i - 1] if i else None)]
+                c[0] += bool(k)
+                c[1] += 1
+    return {c: (k, n) for c, (k, n) in out.items()}
