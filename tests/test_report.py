@@ -43,6 +43,18 @@ def test_page_structure_side_by_side_legend_and_filters(tmp_path):
     assert len(data["seqs"]) == 6 and data["w"] == 2              # distinct sequences, 2-digit vocab
 
 
+def test_page_shows_the_kept_fraction_by_token_class(tmp_path):
+    rec = {"id": "a", "method": "sstoken", "tokens": ["Q", " has", " 1", "2", " cats", ".", "<|im_end|>"],
+           "response": [False, True, True, True, True, True, True],
+           "keep": [False, True, False, True, True, False, True]}
+    text = write_html([rec], tmp_path / "r.html").read_text()
+    table = text[text.index('class="summary by-class"'):]
+    table = table[:table.index("</table>")]
+    assert "<th>number (first)</th>" in table and "<th>whitespace</th>" not in table   # no such token
+    assert "<td>1.00 <small>of 2</small></td>" in table                             # words: 2 of 2
+    assert "<td>0.00 <small>of 1</small></td>" in table                             # the first digit
+
+
 def test_static_files_are_package_data_inlined_in_the_page(tmp_path):
     """CSS and JS live in sstoken/report/static, are found through importlib.resources (as in an
     installed wheel) and are inlined: the page is one file that loads nothing."""

@@ -20,7 +20,7 @@ from typing import Mapping
 
 from ..io import atomic_write
 from .. import records as schema
-from ..records import ReportError, check_record, token_states
+from ..records import TOKEN_CLASSES, ReportError, check_record, kept_by_class, token_states
 from . import codec
 from .plots import DPI
 
@@ -50,7 +50,28 @@ def _summary(records: list[dict]) -> str:
         for m, (n, resp, kept, attn) in agg.items())
     return ('<table class="summary"><thead><tr><th>method</th><th>examples</th>'
             '<th>response tokens</th><th>kept</th><th>kept mainly by attention</th></tr></thead>'
-            f"<tbody>{rows}</tbody></table>")
+            f"<tbody>{rows}</tbody></table>" + _by_class(records))
+
+
+def _by_class(records: list[dict]) -> str:
+    """Per method: the kept fraction of each token class (numbers, words, punctuation...), an
+    HTML table; empty when no record has token text."""
+    per: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("tokens") is not None:
+            per.setdefault(r["method"], []).append(r)
+    if not per:
+        return ""
+    counts = {m: kept_by_class(rs) for m, rs in per.items()}
+    classes = [c for c in TOKEN_CLASSES if any(counts[m][c][1] for m in counts)]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
+    rows = "".join(
+        f"<tr><td>{html.escape(m)}</td>" + "".join(
+            f"<td>{k / n:.2f} <small>of {n:,}</small></td>" if n else "<td>-</td>"
+            for k, n in (cnt[c] for c in classes)) + "</tr>"
+        for m, cnt in counts.items())
+    return ('<table class="summary by-class"><caption>kept fraction by token class</caption>'
+            f"<thead><tr><th>method</th>{head}</tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _img(label: str, path: str | os.PathLike) -> str:
