@@ -107,3 +107,40 @@ def test_same_command_same_seed_gives_bit_identical_weights(tiny_dir, tmp_path, 
             f = "model.safetensors" if "--finetune" in flags else "adapter_model.safetensors"
             weights.append(load_file(str(out / f)))
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), name
+
+
+def test_shipped_accelerate_configs_select_their_engine(monkeypatch):
+    """configs/accelerate/*.yaml, read by accelerate's own launcher code, set the variables
+    that `sstoken train` reads to know its engine, and the engine's refusals follow."""
+    import pytest
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    from sstoken.args import parse
+    from sstoken.errors import UsageError
+    from sstoken.runs import check_launch, engine
+
+    root = Path(__file__).parents[1] / "configs" / "accelerate"
+    want = {"ddp": ("ddp", 0), "fsdp2": ("fsdp", 0), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3)}
+    assert {p.stem for p in root.glob("*.yaml")} == set(want)
+    m, f, d, s, t = parse("train", ["--use_cpu", "true"])               # the defaults: LoRA, chunked loss
+    keys = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    for name, expected in want.items():
+        for k in keys:                                  # the launcher copies os.environ
+            monkeypatch.delenv(k, raising=False)
+        args, _, _ = _validate_launch_command(launch_command_parser().parse_args(
+            ["--config_file", str(root / f"{name}.yaml"), "x.py"]))
+        if name.startswith("zero"):
+            args.deepspeed_fields_from_accelerate_config = []          # set by `accelerate launch`
+            env = prepare_deepspeed_cmd_env(args)[1]
+        else:
+            env = prepare_multi_gpu_env(args)
+        for k in keys:
+            if k in env:
+                monkeypatch.setenv(k, env[k])
+        assert engine(t) == expected, name
+        if name in ("fsdp2", "zero3"):
+            with pytest.raises(UsageError, match="--loss_chunk_size 1024 under"):
+                check_launch(m, f, s, t)
+        else:
+            check_launch(m, f, s, t)
