@@ -458,7 +458,7 @@ def test_sstoken_rank_and_sink_match_loop_reference(tok, normalize, attn_sink):
     sel = SelectionArguments(method="sstoken", rho=rho, gamma=gamma, save_scores=0,
                              normalize=normalize, attn_sink=attn_sink)
     loss, keep, rec = run_trainer_step(trainer_for(model, tok, ex, sel), tok, ex)
-    scores = []
+    scores, drivers = [], []
     for b, e in enumerate(ex):
         R = resp_positions(e)
         rel = {i: hist[b][i] - cur[b][i] for i in R}
@@ -472,8 +472,11 @@ def test_sstoken_rank_and_sink_match_loop_reference(tok, normalize, attn_sink):
             rn, an = {i: (rel[i] - lo) / (hi - lo) if hi > lo else 0.0 for i in R}, a
         mix = {i: gamma * rn[i] + (1 - gamma) * an[i] for i in R}
         scores.append({i: round(v, 12) for i, v in mix.items()} if normalize == "rank" else mix)
+        drivers.append({i for i in R if (1 - gamma) * an[i] > gamma * rn[i]})
     want = ref_keep_per_sample(scores, ex, rho)
     assert keep == want
+    for b, (w, drv) in enumerate(zip(want, drivers)):     # "kept mainly by attention", on the mixed scale
+        assert set(torch.nonzero(rec["by_attention"][b]).flatten().tolist()) == w & drv
     assert abs(loss - ref_loss(cur, want)) < 1e-5
     assert ("attn_norm" in rec) == (normalize == "rank")
 
