@@ -217,6 +217,12 @@ def bench_variants(model, batch, device, steps, warmup, chunk, profile_path=None
         ("sstoken (cached history)", SelectionArguments(method="sstoken"), cached),
         ("sstoken (online history)", SelectionArguments(method="sstoken"), batch),
         ("sstoken (EMA history)", SelectionArguments(method="sstoken", history="ema"), batch),
+        # beyond the paper (#15)
+        ("sstoken (cached history) --normalize rank", SelectionArguments(method="sstoken", normalize="rank"), cached),
+        ("sstoken (cached history) --attn_sink 1", SelectionArguments(method="sstoken", attn_sink=1), cached),
+        ("sstoken (cached history) --rho_rule unlearned",
+         SelectionArguments(method="sstoken", rho_rule="unlearned"), cached),
+        ("sstoken (epoch history)", SelectionArguments(method="sstoken", history="epoch"), batch),
     ]
     import tempfile
 

@@ -21,13 +21,14 @@ def test_bench_tiny_smoke(tmp_path, monkeypatch):
     res = bench.main(["--shape", "tiny", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "32", "--rounds", "2",
                       "--out", str(tmp_path / "B.md"), "--profile", str(tmp_path / "prof.txt")])
     names = [r["variant"] for r in res["steps"]]
-    assert names[:2] == ["full (naive: full fp32 logits)", "full"] and len(names) == 15
+    assert names[:2] == ["full (naive: full fp32 logits)", "full"] and len(names) == 19
     assert "full + eaft (naive: full fp32 logits)" in names and "sstoken (cached history) + dft" in names
     assert all(r["median_s"] > 0 and r["tokens_per_s"] > 0 for r in res["steps"])
     assert all(set(r["phases_s"]) == set(bench.PHASES) for r in res["steps"])
     # the split step runs the history forward once per step and round: online (2 timed + 1
-    # profiled, in the first round only), EMA (2)
-    assert sorted(calls) == ["base", "base", "base", "ema", "ema"]
+    # profiled, in the first round only), EMA (2), epoch (2: its losses are the EMA's swap)
+    assert sorted(calls) == ["base"] * 3 + ["ema"] * 4
+    assert "sstoken (cached history) --normalize rank" in names and "sstoken (epoch history)" in names
     assert all(r["rounds"] == 2 for r in res["steps"])
     att = res["attention"]["32"]["fused SDPA, indicator value"]
     assert att["max_abs_err_vs_eager"] < 1e-5
