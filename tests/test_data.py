@@ -145,6 +145,21 @@ def test_embedded_gsm8k_records():
     assert "<<" not in r["completion"] and "#### 18" in r["completion"]
 
 
+def test_embedded_sharegpt_records():
+    """First turns of English conversations, read up to the wheel's truncated last one, in
+    file order; where = file and conversation number."""
+    from sstoken.embedded import _english, sharegpt_records
+
+    recs = list(sharegpt_records())
+    assert 9000 < len(recs) < 17671                 # English first-turn pairs of 17,671 conversations
+    where, r = recs[0]
+    assert where.endswith("conversation 1") and r["id"].startswith("sharegpt-")
+    assert r["prompt"].startswith("Summarize the main ideas of Jeff Walker")
+    assert all(x["prompt"] and x["completion"] for _, x in recs[:500])
+    assert len({x["id"] for _, x in recs}) == len(recs)
+    assert _english("Hello, world: 42!") and not _english("你好，世界") and not _english("123")
+
+
 # --------------------------------------------------------------------------- weights in the data
 
 def token_weights(tok, msgs, template="tulu"):
