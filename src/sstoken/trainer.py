@@ -214,13 +214,14 @@ class SelectionMixin:
         gathered from all of them); the main process writes."""
         records = self.all_records()
         stats = self.stats.reduced(self.accelerator) if self.args.world_size > 1 else dict(self.stats.s)
+        unlearned = self._unlearned_counts()                  # collective calls: every rank
         if not self.args.should_save:
             return
         if self.ema is not None:
             self.ema.save(folder)
         state = {"seconds": self.seconds_before + time.time() - self.started,
                  "stats": stats, "records": records, "rho": self.method.rho,
-                 "unlearned": self._unlearned_counts()}
+                 "unlearned": unlearned}
         if isinstance(self.history, EpochHistory):
             state["history_epoch"] = self.history.epoch
         atomic_write(Path(folder) / STATE_FILE, json.dumps(state))
