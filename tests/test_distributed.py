@@ -16,7 +16,9 @@ def test_two_processes_write_whole_run_outputs(tiny_dir, tmp_path, records):
     data.write_text("\n".join(json.dumps(r) for r in records(8, seed=4, multi_turn=True)))
     common = ["--model", tiny_dir, "--data", str(data), "--method", "sstoken", "--lora_r", "4",
               "--lora_dropout", "0", "--max_steps", "2", "--save_scores", "8", "--use_cpu", "true",
-              "--learning_rate", "1e-2", "--seed", "1"]
+              "--learning_rate", "1e-2", "--seed", "1",
+              # step 2's rho counts step 1's tokens on both ranks; checkpoints save it collectively
+              "--rho_rule", "unlearned", "--save_strategy", "steps", "--save_steps", "1"]
     assert main(["train", *common, "--per_device_train_batch_size", "4",
                  "--output_dir", str(tmp_path / "one")]) == 0
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
@@ -36,6 +38,12 @@ def test_two_processes_write_whole_run_outputs(tiny_dir, tmp_path, records):
     for a, b in zip(one, two):
         assert a["keep"] == b["keep"] and a["step"] == b["step"], a["id"]
     assert s2["kept_frac"] == s1["kept_frac"] and s2["steps"] == s1["steps"] == 2
+    states = [json.loads((tmp_path / run / "checkpoint-1" / "sstoken_state.json").read_text())
+              for run in ("one", "two")]
+    assert states[0]["unlearned"] == states[1]["unlearned"] and states[0]["unlearned"][1] > 0
+    rhos = {(r["step"], r["rho"]) for r in one + two}
+    assert {s for s, _ in rhos} == {0, 1} and len(rhos) == 2      # one rho per step, on both runs
+    assert dict(rhos)[0] == 0.6 and dict(rhos)[1] != 0.6          # step 2 ran with the rule's rho
     assert p.stderr.count("done in") == 1                      # rank 0 logs, the other does not
 
 
