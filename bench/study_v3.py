@@ -64,8 +64,8 @@ def summarize(data: dict) -> dict:
             row = {"seeds": sorted(seeds)}
             for t in HELDOUT:
                 row[t] = mean_se([s[t] for s in seeds.values()])
-                for ref in ("full", "sstoken"):
-                    if ref in by and config != ref:
+                for ref in ("full", "sstoken"):     # every run against full; variants against the paper's
+                    if ref in by and config != ref and (ref == "full" or config.startswith("sstoken")):
                         row[f"{t} vs {ref}"] = paired_difference({k: s[t] for k, s in seeds.items()},
                                                                  {k: s[t] for k, s in by[ref].items()})
             row["train_loss_last"] = mean_se([s["train_loss_last"] for s in seeds.values()])
