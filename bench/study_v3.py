@@ -39,6 +39,7 @@ def collect(root: Path) -> dict:
         run = {"config": m["config"], "data": m["data"], "seed": int(m["seed"]),
                **{t: ev["results"][t]["loss"] for t in HELDOUT},
                "train_loss_last": float(logs[-1]["loss"]),
+               "train_seconds": json.loads((d / "sstoken_run.json").read_text())["seconds"],
                "attn_driven": [h.get("sel/attn_driven_frac") for h in logs],
                "rho": [h.get("sel/rho") for h in logs]}
         if (d / "selection.jsonl").exists():
@@ -69,6 +70,7 @@ def summarize(data: dict) -> dict:
                         row[f"{t} vs {ref}"] = paired_difference({k: s[t] for k, s in seeds.items()},
                                                                  {k: s[t] for k, s in by[ref].items()})
             row["train_loss_last"] = mean_se([s["train_loss_last"] for s in seeds.values()])
+            row["train_seconds"] = sorted(s["train_seconds"] for s in seeds.values())[len(seeds) // 2]
             ad = [x for s in seeds.values() for x in s["attn_driven"][1:] if x is not None]
             row["attn_driven_frac"] = sum(ad) / len(ad) if ad else None
             rh = [x for s in seeds.values() for x in s["rho"] if x is not None]
@@ -99,11 +101,11 @@ def markdown(summary: dict, base: dict) -> str:
     lines = []
     for train_data, rows in summary.items():
         lines += [f"\n### Trained on {train_data}\n",
-                  "| run (3 seeds) | held-out GSM8K | vs full | vs sstoken | held-out ShareGPT | vs full | vs sstoken | attn-driven | rho |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| run (3 seeds) | held-out GSM8K | vs full | vs sstoken | held-out ShareGPT | vs full | vs sstoken | attn-driven | rho | train s (median) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         if base:
             lines.append(f"| base model | {base.get('heldout_gsm8k', 0):.4f} | | | "
-                         f"{base.get('heldout_sharegpt', 0):.4f} | | | | |")
+                         f"{base.get('heldout_sharegpt', 0):.4f} | | | | | |")
         for config in LABELS:
             if config not in rows:
                 continue
@@ -115,6 +117,7 @@ def markdown(summary: dict, base: dict) -> str:
                           fmt_diff(r.get(f"{t} vs full")), fmt_diff(r.get(f"{t} vs sstoken"))]
             cells.append(f"{r['attn_driven_frac']:.2f}" if r["attn_driven_frac"] is not None else "")
             cells.append(f"{r['rho_mean']:.2f}" if r["rho_mean"] is not None else "")
+            cells.append(f"{r['train_seconds']:.0f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"Kept fraction by token class (trained on {train_data}; every training example's "
                       "last selection, 3 seeds pooled; the count of response tokens per seed in brackets)\n",
