@@ -154,7 +154,7 @@ def plot(summary: dict, path: Path) -> None:
             ax.set_yticks(range(len(configs)))
             ax.set_yticklabels([LABELS[c] for c in configs], fontsize=8)
             ax.invert_yaxis()
-            ax.set_title(f"trained on {train_data}: {t} minus full's (nats, 95% CI, paired by seed)",
+            ax.set_title(f"trained on {train_data}: {t} minus full (nats, 95% CI)",
                          fontsize=9)
             ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
