@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = re.compile(r"^(?P<config>.+)-data(?P<data>[a-z0-9]+)-seed(?P<seed>\d+)$")
 HELDOUT = ("heldout_gsm8k", "heldout_sharegpt")
 LABELS = {"full": "full", "random": "random", "full-weightingdft": "full + dft",
-          "full-weightingeaft": "full + eaft", "sstoken": "sstoken (paper default)",
+          "full-weightingeaft": "full + eaft", "full-weightingasft": "full + asft",
+          "sstoken": "sstoken (paper default)",
           "sstoken-normalizerank": "sstoken --normalize rank",
           "sstoken-attn_sink1": "sstoken --attn_sink 1",
           "sstoken-rho_ruleunlearned": "sstoken --rho_rule unlearned",

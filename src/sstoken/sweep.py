@@ -44,7 +44,8 @@ from .io import atomic_write, log
 
 NEEDS_REF = ("rho1", "tokencleaning")
 # options that always appear in a run's name when a grid entry sets them
-NAMED = ("gamma", "rho", "attn_layer", "weighting", "normalize", "attn_sink", "rho_rule", "history")
+NAMED = ("gamma", "rho", "attn_layer", "weighting", "normalize", "attn_sink", "rho_rule", "history",
+         "data")
 SPEC_KEYS = ("output_dir", "base", "reference", "grid", "seeds", "eval")
 # sweep-only eval keys; every other eval key is an option of `sstoken eval`
 EVAL_SWEEP_KEYS = ("include_base", "benchmark_seeds", "heldout")
