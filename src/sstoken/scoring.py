@@ -403,12 +403,13 @@ def attn_prompt_mass(query: torch.Tensor, key: torch.Tensor, prompt_mask: torch.
     if Hkv != H:
         key = key.repeat_interleave(H // Hkv, dim=1)                  # (B, H, K, D)
     mask = allowed_mask(attention_mask, L, K, query.device)
-    value = query.new_zeros(B, H, K, D)
-    if sink_mask is None:
-        value[..., 0] = prompt_mask[:, None, :K].to(query.dtype)
-    else:
+    if sink_mask is None:                                              # a view: no (B, H, K, D) copy
+        value = prompt_mask[:, None, :K, None].to(query.dtype).expand(B, H, K, D)
+    else:                                                              # (B, 1, K, D), a view over heads
+        value = query.new_zeros(B, 1, K, D)
         value[..., 0] = (prompt_mask & ~sink_mask)[:, None, :K].to(query.dtype)
         value[..., 1] = (~sink_mask)[:, None, :K].to(query.dtype)
+        value = value.expand(B, H, K, D)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                          is_causal=mask is None and L > 1, scale=scaling)
     out = torch.nan_to_num(out.float(), nan=0.0)                       # (B, H, L, D)
