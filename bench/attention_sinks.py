@@ -80,7 +80,8 @@ def main(n: int = 32, out: Path = ROOT / "docs" / "results" / "attention_sinks.j
                 prompt_rest[layer] += p[:, key_prompt].sum()
                 response[layer] += p[:, ~prompt[0]].sum()
             count += int(q.sum())
-            first_tokens[tok.decode(e.input_ids[:1])] = first_tokens.get(tok.decode(e.input_ids[:1]), 0) + 1
+            head = tok.decode(e.input_ids[:1])
+            first_tokens[head] = first_tokens.get(head, 0) + 1
             last = att[-1]
             paper = scoring.attn_prompt_mass_from_probs(last, prompt)
             sink = scoring.attn_prompt_mass_from_probs(last, prompt, scoring.sink_keys(torch.ones_like(ids), 1))

@@ -293,7 +293,7 @@ class SelectionMixin:
         resp = response_mask(inputs["labels"])                               # R (B, L)
         step, max_steps = int(self.state.global_step), int(self.state.max_steps or 0)
         needs = self.method.needs(step, max_steps)
-        epoch = int((self.state.epoch or 0) + 1e-6)
+        epoch = int((self.state.epoch or 0) + 1e-6)    # the epoch this forward belongs to
         if isinstance(self.history, EpochHistory):
             self.history.start_epoch(epoch)            # before the first update of a new epoch
         history = inputs.get("history_loss")
@@ -310,7 +310,7 @@ class SelectionMixin:
                                     self.loss_chunk_size, self.weighting.topk, reference)
         loss = stats.loss                                                    # (B, L) with grad
         t = Tokens(resp=resp, loss=loss.detach(), index=inputs["index"], step=step,
-                   max_steps=max_steps, epoch=int(self.state.epoch or 0), seed=self.args.seed,
+                   max_steps=max_steps, epoch=epoch, seed=self.args.seed,
                    history_loss=history, ref_loss=inputs.get("ref_loss"),
                    keep=inputs.get("keep"),
                    attn_score=self.hook.take() if needs.attention else None)
