@@ -1,12 +1,11 @@
 """Load models and tokenizers, add LoRA, and compute per-token losses of a forward.
 
-The per-token loss path runs the model's normal forward (through DDP/accelerate wrappers) with
-``logits_to_keep=1`` so the full-vocabulary logits are never built, catches the decoder's
-final hidden states with a forward hook, and projects only the rows that predict a response
-token, in chunks (:func:`sstoken.scoring.response_token_losses`). ``loss_chunk_size=0`` selects
-the plain path (full logits), the reference the fast path is tested against, and the one to
-use with FSDP/DeepSpeed-3 where the lm_head weight is sharded outside the forward.
-"""
+The per-token loss path runs the model's normal forward (through DDP, FSDP, DeepSpeed and
+accelerate wrappers), but the LM head's call projects only the rows that predict a response
+token, in chunks (:func:`sstoken.scoring.response_token_stats`), so the full-vocabulary logits
+are never built. Because that happens inside the head's own call, a sharded engine gathers the
+head weight there once, as it would for logits (:func:`head_computes`). ``loss_chunk_size=0``
+selects the plain path (full logits), the reference the fast path is tested against."""
 
 from __future__ import annotations
 
@@ -45,6 +44,24 @@ def load_model(model: str, dtype: str = "auto", attn_implementation: str = "sdpa
 
     return AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=pick_dtype(dtype),
                                                 attn_implementation=attn_implementation)
+
+
+@contextlib.contextmanager
+def whole_model_loading():
+    """Within the block, ``from_pretrained`` loads an ordinary whole model even when a ZeRO-3
+    run is configured in this process. (transformers partitions every model it loads while a
+    ZeRO-3 ``TrainingArguments`` exists, with collective calls; a model that one rank loads
+    alone, such as the scoring model of the loss cache, would wait for the others forever.)"""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_ds.set_hf_deepspeed_config(config)
 
 
 def load_model_with_adapter(model: str, adapter: str | None, dtype: str = "auto",
@@ -120,11 +137,10 @@ def decoder_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return captured["h"]
 
 
-def lm_head_weight(model) -> torch.Tensor:
-    """The output projection (V, H) of a plain linear LM head, refused (with what to do) when
-    the chunked loss would be wrong: a LoRA adapter on the head (the projection would skip it),
-    a sharded head (ZeRO-3, FSDP: the weight is not whole outside the engine's forward), a
-    bias or logit soft-capping."""
+def lm_head(model) -> torch.nn.Module:
+    """The output projection module, refused (with what to do) where the chunked loss would be
+    wrong: a LoRA adapter on the head (the projection would skip it), a bias or logit
+    soft-capping."""
     from .errors import UsageError
 
     lm = causal_lm(model)
@@ -134,22 +150,73 @@ def lm_head_weight(model) -> torch.Tensor:
                          "base weight; leave lm_head out of the LoRA targets or use --loss_chunk_size 0")
     if getattr(head, "bias", None) is not None or getattr(lm.config, "final_logit_softcapping", None):
         raise UsageError("the chunked loss supports plain linear lm heads; use --loss_chunk_size 0")
-    weight = head.weight
-    if weight.numel() == 0 or type(weight).__name__ == "DTensor":
-        raise UsageError("the lm_head weight is sharded (ZeRO-3 or FSDP): the chunked loss needs "
-                         "it whole; use --loss_chunk_size 0")
+    return head
+
+
+def whole(weight: torch.Tensor) -> torch.Tensor:
+    """A parameter as one plain tensor: a DTensor (an FSDP2 shard) is gathered, differentiably
+    (its gradient is scattered back to the shards)."""
+    if type(weight).__name__ == "DTensor":
+        return weight.full_tensor()
+    if weight.numel() == 0:                           # a ZeRO-3 partition outside its module call
+        raise RuntimeError("the lm_head weight is partitioned here: read it inside the head's call")
     return weight
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The output projection weight (V, H), whole. Outside the head's own call a sharded engine
+    may hold it partitioned; :func:`head_computes` runs inside that call instead."""
+    return whole(lm_head(model).weight)
+
+
+@contextlib.contextmanager
+def head_computes(model, fn):
+    """Within the block, a call of the model's LM head returns ``fn(hidden (B, L, H), weight
+    (V, H))`` instead of logits.
+
+    Why: a sharded engine (ZeRO-3, FSDP2 with its own head group) holds the head weight whole
+    only inside the head module's call (its hooks gather it before and free it after, and
+    gather it again for the backward of whatever that call returned). Running the chunked
+    projection there gathers the head once per forward, never once per chunk, and the
+    engine's own hooks route the gradient. Without an engine it is an ordinary call."""
+    head = lm_head(model)
+    saved = head.__dict__.get("forward")
+
+    def forward(hidden):
+        return fn(hidden, whole(head.weight))
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
 
 
 def forward_token_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         mask: torch.Tensor, chunk_size: int = 1024, topk: int = 0,
-                        reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> TokenStats:
+                        reference: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> TokenStats:
     """One forward: per-token NLL on R and, with ``topk`` > 0, each token's top-k entropy
-    (EAFT), and with ``reference = (its hidden states (B, L, H), its head weight (V, H))`` the
-    per-token ``KL(reference || model)`` (ASFT), all from the same logits, chunk by chunk.
-    ``chunk_size=0``: the reference path with full logits."""
+    (EAFT), and with ``reference = (its hidden states (B, L, H), its head weight (V, H) or
+    None for this model's own head)`` the per-token ``KL(reference || model)`` (ASFT), all
+    from the same logits, chunk by chunk. ``chunk_size=0``: the reference path with full
+    logits.
+
+    The chunked path runs inside the model's own forward: the decoder's hidden states reach
+    the head as usual (``logits_to_keep=0``: every position), and the head's call computes
+    the chunked statistics (:func:`head_computes`) instead of (B, L, V) logits."""
     if chunk_size <= 0:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits   # (B, L, V)
+        ref_logits = None
+        if reference is not None and reference[1] is None:     # the reference uses this head:
+            def both(hidden, weight):                          # its logits and the reference's
+                return hidden @ weight.T, (reference[0] @ weight.T).detach()
+
+            with head_computes(model, both):
+                logits, ref_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        else:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits   # (B, L, V)
         loss = torch.where(mask, token_losses_from_logits(logits, input_ids), 0.0)
         B, L, V = logits.shape
         acc = loss.dtype
@@ -159,19 +226,27 @@ def forward_token_stats(model, input_ids: torch.Tensor, attention_mask: torch.Te
             entropy[:, 1:] = topk_entropy_from_logits(logits[:, :-1].to(acc).reshape(-1, V), topk).view(B, L - 1)
             entropy = torch.where(mask, entropy, 0.0)
         if reference is not None:
-            ref_logits = (reference[0][:, :-1] @ reference[1].T).to(acc).detach()
+            if ref_logits is None:
+                ref_logits = reference[0] @ reference[1].T                      # (B, L, V)
+            ref_logits = ref_logits[:, :-1].to(acc).detach()
             kl = torch.zeros_like(loss)
             kl[:, 1:] = torch.nn.functional.kl_div(torch.log_softmax(logits[:, :-1].to(acc), -1),
                                                    torch.softmax(ref_logits, -1), reduction="none").sum(-1)
             kl = torch.where(mask, kl, 0.0)
         return TokenStats(loss, entropy, kl)
-    weight = lm_head_weight(model)
-    hidden = decoder_hidden(model, input_ids, attention_mask)
-    loss, entropy = response_token_stats(hidden, weight, input_ids, mask, chunk_size, topk)
-    kl = None
-    if reference is not None:
-        kl = response_token_kl(hidden, weight, reference[0], reference[1], mask, chunk_size)
-    return TokenStats(loss, entropy, kl)
+
+    def stats(hidden, weight):                       # inside the head's call: weight is whole
+        loss, entropy = response_token_stats(hidden, weight, input_ids, mask, chunk_size, topk)
+        kl = None
+        if reference is not None:
+            ref_w = reference[1] if reference[1] is not None else weight.detach()
+            kl = response_token_kl(hidden, weight, reference[0], ref_w, mask, chunk_size)
+        return loss, entropy, kl
+
+    with head_computes(model, stats):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=0,
+                    use_cache=False).logits
+    return TokenStats(*out)
 
 
 @contextlib.contextmanager
