@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from .modeling import (adapter_disabled, decoder_hidden, forward_token_losses, is_peft,
                        lm_head_weight, unwrap)
+from .sharded import local, piece_of, refresh, whole
 
 EMA_FILE = "sstoken_ema.safetensors"
 
@@ -49,61 +50,95 @@ class TrainableEMA:
     full-rank delta per adapted matrix (the memory of the whole model), which LoRA exists to
     avoid; an EMA of the factors costs one adapter copy. At step 0 B = 0, so both start at
     the base model.
+
+    Under a sharding engine (FSDP2, ZeRO-3) the copy is as sharded as the parameters: each
+    rank keeps the piece it owns (:mod:`sstoken.sharded`), and only saving gathers it.
+    :meth:`bind` must see the parameters as the engine left them: the trainer calls it when
+    training starts (after ``accelerator.prepare``).
     """
 
     def __init__(self, model, alpha: float):
         self.alpha = alpha
-        self.params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
-        self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+        self.loaded: dict[str, torch.Tensor] | None = None     # whole tensors, from a checkpoint
+        self.bind(model)
+
+    def bind(self, model) -> None:
+        """Track ``model``'s live trainable parameters and copy them; a copy loaded from a
+        checkpoint before (:meth:`load`) replaces that copy here."""
+        self.model = unwrap(model)
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.shadow = {n: local(p).detach().clone() for n, p in self.params.items()}
+        if self.loaded is not None:
+            missing = sorted(set(self.shadow) - set(self.loaded))
+            if missing:
+                raise ValueError(f"the checkpoint's history has no {missing[0]} "
+                                 f"({len(missing)} parameters missing): a different model or adapter")
+            for n, p in self.params.items():
+                self.shadow[n].copy_(piece_of(self.loaded[n], p))
+            self.loaded = None
 
     @torch.no_grad()
     def update(self) -> None:
         for n, p in self.params.items():
-            self.shadow[n].mul_(self.alpha).add_(p.detach(), alpha=1 - self.alpha)
+            self.shadow[n].mul_(self.alpha).add_(local(p).detach(), alpha=1 - self.alpha)
 
     @torch.no_grad()
     def snapshot(self) -> None:
         """The shadow becomes an exact copy of the live parameters."""
         for n, p in self.params.items():
-            self.shadow[n].copy_(p.detach())
+            self.shadow[n].copy_(local(p).detach())
 
     @contextlib.contextmanager
     def swapped(self):
-        backup = {n: p.detach().clone() for n, p in self.params.items()}
+        params = list(self.params.values())
+        backup = {n: local(p).detach().clone() for n, p in self.params.items()}
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(self.shadow[n])
+                local(p).copy_(self.shadow[n])
+        refresh(self.model, params)
         try:
             yield
         finally:
             with torch.no_grad():
                 for n, p in self.params.items():
-                    p.copy_(backup[n])
+                    local(p).copy_(backup[n])
+            refresh(self.model, params)
 
-    def save(self, folder: str) -> None:
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The shadow as whole tensors (gathered from the shards: a collective call)."""
+        return {n: whole(self.shadow[n], p).contiguous() for n, p in self.params.items()}
+
+    @staticmethod
+    def save(tensors: dict[str, torch.Tensor], folder: str) -> None:
         from safetensors.torch import save_file
 
-        save_file({n: t.contiguous() for n, t in self.shadow.items()}, os.path.join(folder, EMA_FILE))
+        save_file({n: t.cpu() for n, t in tensors.items()}, os.path.join(folder, EMA_FILE))
 
     def load(self, folder: str) -> None:
+        """Read a saved shadow; it takes effect at the next :meth:`bind` (training start)."""
         from safetensors.torch import load_file
 
         path = os.path.join(folder, EMA_FILE)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: the checkpoint has no EMA history to resume from")
-        for n, t in load_file(path).items():
-            self.shadow[n].copy_(t)
+        self.loaded = load_file(path)
 
 
-class _EMACallback(TrainerCallback):
-    """Update the EMA after every optimizer step. (The trainer saves it with each checkpoint,
+class _HistoryCallback(TrainerCallback):
+    """Bind the copy to the live parameters when training starts (after the engine wrapped
+    them), and update the EMA after every optimizer step (``update=False``: the epoch copy,
+    which changes only at epoch starts). (The trainer saves the copy with each checkpoint,
     before the checkpoint's ``trainer_state.json``: see ``SelectionTrainer.save_extra_state``.)"""
 
-    def __init__(self, ema: TrainableEMA):
-        self.ema = ema
+    def __init__(self, ema: TrainableEMA, update: bool = True):
+        self.ema, self.update = ema, update
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.ema.bind(model)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.ema.update()
+        if self.update:
+            self.ema.update()
 
 
 class BaseHistory:
@@ -126,13 +161,14 @@ class BaseHistory:
 
 
     @torch.no_grad()
-    def reference(self, model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference(self, model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The base model's final hidden states (B, L, H) and its LM head weight (V, H): what a
-        KL to the base needs (ASFT), without building its logits."""
+        KL to the base needs (ASFT), without building its logits. With LoRA the head is the
+        live model's own (the adapter never touches it): None, read inside the head's call."""
         if self.frozen is not None:
             return decoder_hidden(self.frozen, input_ids, attention_mask), lm_head_weight(self.frozen)
         with adapter_disabled(model), eval_mode(unwrap(model)):
-            return decoder_hidden(unwrap(model), input_ids, attention_mask), lm_head_weight(model)
+            return decoder_hidden(unwrap(model), input_ids, attention_mask), None
 
 
 class EMAHistory:
@@ -140,7 +176,7 @@ class EMAHistory:
 
     def __init__(self, model, alpha: float):
         self.ema = TrainableEMA(model, alpha)
-        self.callback = _EMACallback(self.ema)
+        self.callback = _HistoryCallback(self.ema)
 
     @torch.no_grad()
     def losses(self, model, input_ids, attention_mask, resp, chunk_size: int) -> torch.Tensor:
@@ -160,7 +196,7 @@ class EpochHistory(EMAHistory):
 
     def __init__(self, model):
         super().__init__(model, alpha=0.0)
-        self.callback = None                  # no per-step update
+        self.callback = _HistoryCallback(self.ema, update=False)     # no per-step update
         self.epoch = 0                        # the epoch the copy was taken at
 
     def start_epoch(self, epoch: int) -> None:

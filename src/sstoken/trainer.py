@@ -154,6 +154,7 @@ class SelectionMixin:
                 self.add_callback(self.history.callback)
             elif selection.history == "epoch":
                 self.history = EpochHistory(self.model)
+                self.add_callback(self.history.callback)
             elif not self._has_cached_history():
                 self.history = BaseHistory(self.model)
         self.reference = None                  # the frozen base a weighting anchors to (ASFT)
@@ -215,10 +216,11 @@ class SelectionMixin:
         records = self.all_records()
         stats = self.stats.reduced(self.accelerator) if self.args.world_size > 1 else dict(self.stats.s)
         unlearned = self._unlearned_counts()                  # collective calls: every rank
+        history = self.ema.state_dict() if self.ema is not None else None     # gathered whole
         if not self.args.should_save:
             return
-        if self.ema is not None:
-            self.ema.save(folder)
+        if history is not None:
+            self.ema.save(history, folder)
         state = {"seconds": self.seconds_before + time.time() - self.started,
                  "stats": stats, "records": records, "rho": self.method.rho,
                  "unlearned": unlearned}
