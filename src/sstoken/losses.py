@@ -123,12 +123,13 @@ class LossProvider:
     def _score(self, model_name: str, examples: list[Example], fp: str, key: str) -> None:
         """Score ``examples`` with ``model_name`` and write the cache entry ``key``."""
         from .embedded import resolve_model
-        from .modeling import load_model, load_tokenizer
+        from .modeling import load_model, load_tokenizer, whole_model_loading
 
         log(f"scoring {len(examples)} examples with {model_name} (cached for later runs)")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         m = self.model_args
-        model = load_model(model_name, m.dtype, m.attn_implementation).to(device)
+        with whole_model_loading():                     # one rank scores, the others wait
+            model = load_model(model_name, m.dtype, m.attn_implementation).to(device)
         tok = load_tokenizer(model_name)
         t0 = time.time()
         losses = compute_losses(model, examples, tok.pad_token_id, batch_size=self.batch_size,
