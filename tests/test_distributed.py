@@ -63,33 +63,42 @@ def test_several_gpus_without_a_launcher_are_refused(monkeypatch):
 
 
 def test_sharded_engine_combinations_are_refused_up_front(monkeypatch):
+    """Only a frozen whole copy of the model per GPU is refused, and only where the engine
+    shards the model (FSDP, ZeRO-3); the EMA history and the chunked loss run everywhere
+    (test_engines.py)."""
     from sstoken.args import parse
     from sstoken.errors import UsageError
     from sstoken.runs import check_launch, engine
 
-    m, f, d, s, t = parse("train", ["--history", "ema", "--finetune", "full", "--use_cpu", "true"])
-    assert engine(t) == ("ddp", 0)
-    check_launch(m, f, s, t)                                            # DDP: all fine
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    assert engine(t) == ("deepspeed", 3)
-    try:
-        check_launch(m, f, s, t)
-    except UsageError as e:
-        problems = e.problems
-    assert len(problems) == 2 and "--history ema under DeepSpeed ZeRO-3" in problems[0]
-    assert "--loss_chunk_size 1024 under DeepSpeed ZeRO-3" in problems[1]
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    check_launch(m, f, s, t)                                            # ZeRO-2: the head is whole
+    def problems(flags):
+        try:
+            check_launch(*[a for i, a in enumerate(parse("train", flags)) if i != 2])
+        except UsageError as e:
+            return e.problems
+        return []
+
+    online = ["--finetune", "full", "--history_losses", "online", "--use_cpu", "true"]
+    asft = ["--finetune", "full", "--weighting", "asft", "--use_cpu", "true"]
+    fine = [["--history", "ema", "--finetune", "full", "--use_cpu", "true"],        # chunked loss
+            ["--history", "epoch", "--use_cpu", "true"], ["--weighting", "asft", "--use_cpu", "true"]]
+    assert engine(parse("train", online)[4]) == ("ddp", 0)
+    assert problems(online) == problems(asft) == []                         # DDP: all fine
+    for stage, refused in (("3", True), ("2", False)):
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
+        assert engine(parse("train", online)[4]) == ("deepspeed", int(stage))
+        assert all(problems(f) == [] for f in fine)
+        got = problems(online) + problems(asft)
+        if not refused:                                   # ZeRO-2 keeps a whole model per GPU
+            assert got == []
+            continue
+        assert len(got) == 2 and "online base history under DeepSpeed ZeRO-3" in got[0]
+        assert "run `sstoken score` first" in got[0] and "frozen unsharded copy" in got[1]
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    m, f, d, s, t = parse("train", ["--finetune", "full", "--history_losses", "online",
-                                    "--loss_chunk_size", "0", "--use_cpu", "true"])
-    try:
-        check_launch(m, f, s, t)
-    except UsageError as e:
-        problems = e.problems
-    assert problems == [p for p in problems if "frozen unsharded copy" in p] and len(problems) == 1
+    assert all(problems(f) == [] for f in fine)
+    got = problems(online)
+    assert len(got) == 1 and "under FSDP needs a frozen unsharded copy" in got[0]
 
 
 def test_same_command_same_seed_gives_bit_identical_weights(tiny_dir, tmp_path, records):
@@ -131,7 +140,8 @@ def test_shipped_accelerate_configs_select_their_engine(monkeypatch):
     root = Path(__file__).parents[1] / "configs" / "accelerate"
     want = {"ddp": ("ddp", 0), "fsdp2": ("fsdp", 0), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3)}
     assert {p.stem for p in root.glob("*.yaml")} == set(want)
-    m, f, d, s, t = parse("train", ["--use_cpu", "true"])               # the defaults: LoRA, chunked loss
+    defaults = parse("train", ["--use_cpu", "true"])                    # LoRA, chunked loss
+    full = parse("train", ["--use_cpu", "true", "--finetune", "full", "--history_losses", "online"])
     keys = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE")
     for name, expected in want.items():
         for k in keys:                                  # the launcher copies os.environ
@@ -146,9 +156,12 @@ def test_shipped_accelerate_configs_select_their_engine(monkeypatch):
         for k in keys:
             if k in env:
                 monkeypatch.setenv(k, env[k])
-        assert engine(t) == expected, name
-        if name in ("fsdp2", "zero3"):
-            with pytest.raises(UsageError, match="--loss_chunk_size 1024 under"):
+        assert engine(defaults[4]) == expected, name
+        m, f, d, s, t = defaults
+        check_launch(m, f, s, t)                                        # every engine
+        m, f, d, s, t = full
+        if name in ("fsdp2", "zero3"):                                  # a whole frozen copy
+            with pytest.raises(UsageError, match="online base history under"):
                 check_launch(m, f, s, t)
         else:
             check_launch(m, f, s, t)

@@ -199,8 +199,9 @@ def engine(train_args: TrainArguments) -> tuple[str, int]:
 def check_launch(model_args: ModelArguments, finetune_args: FinetuneArguments,
                  sel_args: SelectionArguments, train_args: TrainArguments) -> None:
     """Refuse, before anything loads, what cannot work: several GPUs without a launcher (the
-    Trainer would fall into ``nn.DataParallel``, whose replicas share sstoken's hooks), and
-    the sharded-engine combinations known to fail (see README, Several GPUs)."""
+    Trainer would fall into ``nn.DataParallel``, whose replicas share sstoken's hooks), and a
+    frozen whole copy of the model per GPU under FSDP or DeepSpeed (see README, Several GPUs).
+    Everything else runs on every engine (tests/test_engines.py)."""
     from .errors import UsageError
 
     problems = []
@@ -212,21 +213,14 @@ def check_launch(model_args: ModelArguments, finetune_args: FinetuneArguments,
             "--config_file configs/accelerate/ddp.yaml -m sstoken.cli train ...`, or train on "
             "one GPU with CUDA_VISIBLE_DEVICES=0")
     name, stage = engine(train_args)
-    sharded = name == "fsdp" or (name == "deepspeed" and stage == 3)
+    sharded = name == "fsdp" or (name == "deepspeed" and stage == 3)     # no whole model per GPU
     label = "FSDP" if name == "fsdp" else f"DeepSpeed ZeRO-{stage}"
-    if sharded and sel_args.method == "sstoken" and sel_args.history in ("ema", "epoch"):
-        problems.append(f"--history {sel_args.history} under {label}: the history copy does not "
-                        "yet track sharded parameters; use --history base")
-    if sharded and model_args.loss_chunk_size > 0:
-        problems.append(f"--loss_chunk_size {model_args.loss_chunk_size} under {label}: the "
-                        "chunked loss needs the unsharded lm_head weight; use --loss_chunk_size 0 "
-                        "(full logits) for now")
-    if (name != "ddp" and finetune_args.finetune == "full" and sel_args.method == "sstoken"
+    if (sharded and finetune_args.finetune == "full" and sel_args.method == "sstoken"
             and sel_args.gamma > 0 and sel_args.history == "base" and sel_args.history_losses == "online"):
         problems.append(f"--finetune full with online base history under {label} needs a frozen "
                         "unsharded copy of the model on every GPU: run `sstoken score` first and "
                         "train with --history_losses auto (the cache)")
-    if name != "ddp" and finetune_args.finetune == "full" and sel_args.weighting == "asft":
+    if sharded and finetune_args.finetune == "full" and sel_args.weighting == "asft":
         problems.append(f"--weighting asft with --finetune full under {label} needs a frozen "
                         "unsharded copy of the base on every GPU; use LoRA (the adapter-disabled "
                         "network is the reference)")
@@ -256,7 +250,7 @@ def train(model_args: ModelArguments, finetune_args: FinetuneArguments, data_arg
         losses = LossProvider(model_args, data_args, train_args.per_device_eval_batch_size)
         facts = method.prepare(examples, losses)
         if (facts.get("history_losses") == "online" and finetune_args.finetune == "full"
-                and engine(train_args)[0] != "ddp"):
+                and engine(train_args) in (("fsdp", 0), ("deepspeed", 3))):
             from .errors import UsageError
 
             raise UsageError("--finetune full with online base history under a sharded engine "
