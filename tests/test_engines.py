@@ -128,3 +128,25 @@ def test_history_saved_and_resumed_under_every_engine(engine, finetune, resumed_
     the EMA dropped at the resume, this differs by 0.04.)"""
     two = two_processes(tmp_path, tiny_dir, ref_dir, [f"{m}!resume" for m in RESUMED], finetune, engine)
     check_same(resumed_one[finetune], {f"{m}!3": two[f"{m}!resume"] for m in RESUMED}, engine)
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory, tok):
+    """A tiny model whose LM head is its input embedding (as SmolLM2, Llama-3.2-1B, Qwen2.5)."""
+    from sstoken.testing import tiny_llama
+
+    d = tmp_path_factory.mktemp("tied")
+    tiny_llama(len(tok), layers=2, tie=True).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.mark.engines
+@pytest.mark.parametrize("engine", ("fsdp2", "zero3"))
+def test_tied_head_full_finetuning(engine, tied_dir, ref_dir, tmp_path):
+    """The head weight is also the embedding: gathered in two module calls, trained by both."""
+    one = one_process(tmp_path, tied_dir, ref_dir, ("full", "sstoken@ema", "sstoken@ema!3"), "full")
+    two = two_processes(tmp_path, tied_dir, ref_dir, ("full", "sstoken@ema", "sstoken@ema!resume"),
+                        "full", engine)
+    two["sstoken@ema!3"] = two.pop("sstoken@ema!resume")
+    check_same(one, two, engine)
