@@ -72,3 +72,35 @@ def test_the_head_is_restored_after_the_block():
     assert "forward" not in lm_head(model).__dict__                      # the class's own again
     logits = model(input_ids=ids, attention_mask=am).logits
     assert logits.shape == (3, 17, 300)
+
+
+def test_no_tensor_as_large_as_the_logits_inside_a_partitioned_head():
+    """Memory: with the head partitioned outside its call, the chunked path (forward and
+    backward) creates no tensor of B x L x V elements; the largest is the head weight itself.
+    The full-logit path, measured the same way, does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    V, B, L = 300, 4, 64
+    sizes = {}
+    for chunk in (0, 4):
+        model = tiny_llama(V, layers=2, seed=3)
+        FakeZero3(lm_head(model))
+        ids, am, resp = batch(V, B, L)
+        with Largest() as seen:
+            forward_token_stats(model, ids, am, resp, chunk).loss.sum().backward()
+        sizes[chunk] = seen.numel
+    assert sizes[0] >= B * L * V                               # the measure sees the logits
+    assert sizes[4] <= V * 32 < B * L * V / 4                  # the head (V x H) at most
