@@ -348,6 +348,34 @@ def test_ema_of_adapter_factors_and_swap(tok):
     assert all(torch.equal(p, current[n]) for n, p in ema.params.items())
 
 
+def test_ema_saved_then_bound_again_and_a_foreign_one_refused(tmp_path):
+    """A loaded shadow takes effect at the next bind (training start, after the engine wrapped
+    the model); one saved for other parameters is refused with its file named."""
+    import peft
+    import pytest
+
+    from sstoken.errors import UsageError
+
+    def lora(targets):
+        return peft.get_peft_model(tiny_llama(300, layers=2),
+                                   peft.LoraConfig(r=4, lora_dropout=0.0, target_modules=targets))
+
+    ema = TrainableEMA(lora(["q_proj"]), alpha=0.9)
+    for t in ema.shadow.values():
+        t.add_(0.5)
+    saved = ema.state_dict()
+    TrainableEMA.save(saved, str(tmp_path))
+    again = TrainableEMA(lora(["q_proj"]), alpha=0.9)
+    again.load(str(tmp_path))
+    assert not any(torch.equal(again.shadow[n], saved[n]) for n in saved)   # not before bind
+    again.bind(again.model)
+    assert all(torch.equal(again.shadow[n], saved[n]) for n in saved)
+    other = TrainableEMA(lora(["v_proj"]), alpha=0.9)
+    other.load(str(tmp_path))
+    with pytest.raises(UsageError, match="sstoken_ema.safetensors: the saved history has no"):
+        other.bind(other.model)
+
+
 def test_training_logs_statistics_and_saves_scores(tok, tmp_path):
     import json
 

@@ -71,8 +71,11 @@ class TrainableEMA:
         if self.loaded is not None:
             missing = sorted(set(self.shadow) - set(self.loaded))
             if missing:
-                raise ValueError(f"the checkpoint's history has no {missing[0]} "
-                                 f"({len(missing)} parameters missing): a different model or adapter")
+                from .errors import UsageError
+
+                raise UsageError(f"{self.loaded_from}: the saved history has no {missing[0]} "
+                                 f"({len(missing)} parameters missing): the checkpoint belongs to "
+                                 "another model or adapter")
             for n, p in self.params.items():
                 self.shadow[n].copy_(piece_of(self.loaded[n], p))
             self.loaded = None
@@ -121,7 +124,7 @@ class TrainableEMA:
         path = os.path.join(folder, EMA_FILE)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: the checkpoint has no EMA history to resume from")
-        self.loaded = load_file(path)
+        self.loaded, self.loaded_from = load_file(path), path
 
 
 class _HistoryCallback(TrainerCallback):
