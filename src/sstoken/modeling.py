@@ -154,12 +154,12 @@ def lm_head(model) -> torch.nn.Module:
 
 
 def whole(weight: torch.Tensor) -> torch.Tensor:
-    """A parameter as one plain tensor: a DTensor (an FSDP2 shard) is gathered, differentiably
-    (its gradient is scattered back to the shards)."""
-    if type(weight).__name__ == "DTensor":
-        return weight.full_tensor()
-    if weight.numel() == 0:                           # a ZeRO-3 partition outside its module call
-        raise RuntimeError("the lm_head weight is partitioned here: read it inside the head's call")
+    """The head weight, checked to be whole here. Inside the head's call FSDP2 and ZeRO-3 have
+    gathered it (tests/test_engines.py); outside, a shard or an empty ZeRO-3 partition is an
+    error, never silently projected with."""
+    if type(weight).__name__ == "DTensor" or weight.numel() == 0:
+        raise RuntimeError("the lm_head weight is sharded here (FSDP or ZeRO-3): read it inside "
+                           "the head's call (modeling.head_computes)")
     return weight
 
 
