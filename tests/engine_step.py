@@ -27,6 +27,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import make_records  # noqa: E402
 
 LAYER = "LlamaDecoderLayer"
+# A DeepSpeed config that takes its sizes from the Trainer's arguments
+DS_AUTO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+           "train_batch_size": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True}
 
 
 def relabel_cpu_as_gpu() -> None:
@@ -55,10 +58,8 @@ def engine_args(engine: str, momentum: float = 0.0) -> dict:
             "version": 2, "reshard_after_forward": True, "transformer_layer_cls_to_wrap": [LAYER],
             "state_dict_type": "FULL_STATE_DICT"}}
     stage = int(engine[-1])
-    return {"deepspeed": {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
-                          "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-                          "gradient_clipping": "auto", "optimizer": {"type": "SGD", "params": {"lr": "auto", "momentum": momentum}},
-                          "zero_allow_untested_optimizer": True}}
+    return {"deepspeed": {"zero_optimization": {"stage": stage}, **DS_AUTO,
+                          "optimizer": {"type": "SGD", "params": {"lr": "auto", "momentum": momentum}}}}
 
 
 def full_params(trainer, model) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ forward) over a sharded head (FSDP2 reshards after forward; ZeRO-3 partitions th
 Slow (about 4 minutes on 2 cores; DeepSpeed needed: ``pip install -e .[deepspeed]``):
 ``pytest -m engines``. The default suite runs one FSDP2 case (``test_fsdp2_quick``).
 """
+import json
 import os
 import subprocess
 import sys
@@ -150,3 +151,66 @@ def test_tied_head_full_finetuning(engine, tied_dir, ref_dir, tmp_path):
                         "full", engine)
     two["sstoken@ema!3"] = two.pop("sstoken@ema!resume")
     check_same(one, two, engine)
+
+
+SHIM = '''import os, sys
+sys.path.insert(0, {tests!r})
+from engine_step import relabel_cpu_as_gpu
+relabel_cpu_as_gpu()
+'''
+ENGINE_FLAGS = {
+    "fsdp2": ["--fsdp", "full_shard", "--fsdp_config", json.dumps(
+        {"version": 2, "reshard_after_forward": True, "transformer_layer_cls_to_wrap": [engine_step.LAYER],
+         "state_dict_type": "FULL_STATE_DICT"})],
+    "zero2": ["--deepspeed", json.dumps({"zero_optimization": {"stage": 2}, **engine_step.DS_AUTO})],
+    "zero3": ["--deepspeed", json.dumps({"zero_optimization": {"stage": 3}, **engine_step.DS_AUTO})],
+}
+
+
+@pytest.mark.engines
+@pytest.mark.parametrize("engine", ("fsdp2", "zero2", "zero3"))
+def test_the_command_line_under_every_engine(engine, tiny_dir, records, tmp_path):
+    """`sstoken train` as users launch it (torchrun, --fsdp / --deepspeed), with the EMA
+    history, checkpoints every step, AdamW: the adapter, the checkpoint's EMA and
+    selection.jsonl equal one process; resumed from checkpoint 1, the adapter too. (The shim
+    is put in by a sitecustomize module, before the command starts.)"""
+    from sstoken.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records(8, seed=4, multi_turn=True)))
+    common = ["--model", tiny_dir, "--data", str(data), "--method", "sstoken", "--history", "ema",
+              "--lora_r", "4", "--lora_dropout", "0", "--max_steps", "2", "--save_scores", "8",
+              "--learning_rate", "1e-2", "--seed", "1", "--save_strategy", "steps", "--save_steps", "1"]
+    assert main(["train", *common, "--use_cpu", "true", "--per_device_train_batch_size", "4",
+                 "--output_dir", str(tmp_path / "one")]) == 0
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SHIM.format(tests=str(HERE)))
+    env = {**os.environ, "PYTHONPATH": f"{shim}:{HERE.parent / 'src'}", "OMP_NUM_THREADS": "1"}
+
+    def launch(*flags):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "sstoken.cli", "train", *common, "--per_device_train_batch_size",
+               "2", "--output_dir", str(tmp_path / engine), *ENGINE_FLAGS[engine], *flags]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+
+    def same(name, a, b):
+        x, y = load_file(str(tmp_path / a / name)), load_file(str(tmp_path / b / name))
+        assert set(x) == set(y) and max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-5, name
+
+    launch()
+    same("adapter_model.safetensors", "one", engine)
+    same("checkpoint-1/sstoken_ema.safetensors", "one", engine)
+    keeps = [[json.loads(line)["keep"] for line in (tmp_path / run / "selection.jsonl").read_text().splitlines()]
+             for run in ("one", engine)]
+    assert len(keeps[1]) == 8 and keeps[0] == keeps[1]
+    launch("--resume_from_checkpoint", str(tmp_path / engine / "checkpoint-1"))
+    same("adapter_model.safetensors", "one", engine)
+
+    from sstoken.args import parse
+    from sstoken.runs import engine as engine_of
+
+    # sstoken's refusals know the engine from the same flags (--deepspeed given as JSON text)
+    assert engine_of(parse("train", ENGINE_FLAGS[engine])[4]) == \
+        {"fsdp2": ("fsdp", 0), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3)}[engine]

@@ -188,10 +188,13 @@ def engine(train_args: TrainArguments) -> tuple[str, int]:
     ds = train_args.deepspeed
     if ds or env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if isinstance(ds, str):                   # a file, or the JSON itself (as transformers)
+            try:
+                ds = json.loads(Path(ds).read_text() if Path(ds).is_file() else ds)
+            except (OSError, ValueError):
+                ds = None                         # transformers reports it when it parses
         if isinstance(ds, dict):
             stage = ds.get("zero_optimization", {}).get("stage", stage)
-        elif isinstance(ds, str) and Path(ds).is_file():
-            stage = json.loads(Path(ds).read_text()).get("zero_optimization", {}).get("stage", stage)
         return "deepspeed", int(stage or 0)
     return "ddp", 0
 
