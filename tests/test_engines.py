@@ -168,12 +168,14 @@ ENGINE_FLAGS = {
 
 
 @pytest.mark.engines
+@pytest.mark.parametrize("launcher", ("torchrun", "accelerate"))
 @pytest.mark.parametrize("engine", ("fsdp2", "zero2", "zero3"))
-def test_the_command_line_under_every_engine(engine, tiny_dir, records, tmp_path):
-    """`sstoken train` as users launch it (torchrun, --fsdp / --deepspeed), with the EMA
-    history, checkpoints every step, AdamW: the adapter, the checkpoint's EMA and
-    selection.jsonl equal one process; resumed from checkpoint 1, the adapter too. (The shim
-    is put in by a sitecustomize module, before the command starts.)"""
+def test_the_command_line_under_every_engine(engine, launcher, tiny_dir, records, tmp_path):
+    """`sstoken train` as users launch it: torchrun with --fsdp / --deepspeed, or `accelerate
+    launch` with the shipped config (configs/accelerate/*.yaml). With the EMA history, a
+    checkpoint every step and AdamW, the adapter, the checkpoint's EMA and selection.jsonl
+    equal one process; resumed from checkpoint 1, the adapter too. (The shim is put in by a
+    sitecustomize module, before the command starts.)"""
     from sstoken.cli import main
 
     data = tmp_path / "d.jsonl"
@@ -189,9 +191,15 @@ def test_the_command_line_under_every_engine(engine, tiny_dir, records, tmp_path
     env = {**os.environ, "PYTHONPATH": f"{shim}:{HERE.parent / 'src'}", "OMP_NUM_THREADS": "1"}
 
     def launch(*flags):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "sstoken.cli", "train", *common, "--per_device_train_batch_size",
-               "2", "--output_dir", str(tmp_path / engine), *ENGINE_FLAGS[engine], *flags]
+        if launcher == "torchrun":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                   "--master_port", str(free_port()), "-m", "sstoken.cli", "train", *ENGINE_FLAGS[engine]]
+        else:
+            config = HERE.parent / "configs" / "accelerate" / f"{engine}.yaml"
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                   "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "sstoken.cli",
+                   "train"]
+        cmd += [*common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / engine), *flags]
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
 

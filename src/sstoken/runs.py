@@ -279,6 +279,9 @@ def train(model_args: ModelArguments, finetune_args: FinetuneArguments, data_arg
 
 
 def _finish(trainer, model_args, finetune_args, data_args, sel_args, stats, out_dir, t0, extra):
+    fsdp = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if fsdp is not None:          # FSDP's sharded state dict would leave no weights file at all
+        fsdp.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out_dir))          # adapter (LoRA) or full weights, + tokenizer
     trainer.save_state()
     main_process = trainer.is_world_process_zero()
