@@ -87,8 +87,13 @@ def test_sharded_engine_combinations_are_refused_up_front(monkeypatch):
                                         ["--weighting", "asft", "--use_cpu", "true"])]   # chunked loss
     assert engine(online[4]) == ("ddp", 0)
     assert problems(online) == problems(asft) == []                         # DDP: all fine
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")        # saving gathers nothing:
+    got = problems(fine[0])                                            # a full model is refused
+    assert len(got) == 1 and "would end with no model file" in got[0] and "zero3_save_16bit_model" in got[0]
+    assert problems(fine[1]) == []                                     # LoRA: the adapter is saved
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")   # as zero3.yaml
     for stage, refused in (("3", True), ("2", False)):
-        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
         monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
         assert engine(online[4]) == ("deepspeed", int(stage))
         assert all(problems(f) == [] for f in fine)

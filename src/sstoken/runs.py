@@ -179,24 +179,38 @@ def check_model(model_args: ModelArguments, sel_args: SelectionArguments | None 
             raise UsageError(f"--{e}") from None
 
 
+def _deepspeed_config(train_args: TrainArguments) -> dict | None:
+    """``--deepspeed`` as a dict: given as one, as a file, or as the JSON itself (transformers
+    takes all three). None when absent or unreadable (transformers reports the latter)."""
+    ds = train_args.deepspeed
+    if isinstance(ds, str):
+        try:
+            ds = json.loads(Path(ds).read_text() if Path(ds).is_file() else ds)
+        except (OSError, ValueError):
+            return None
+    return ds if isinstance(ds, dict) else None
+
+
 def engine(train_args: TrainArguments) -> tuple[str, int]:
     """The distributed engine this run will use, from the Trainer's options or the variables
     ``accelerate launch`` sets: ``("ddp" | "fsdp" | "deepspeed", ZeRO stage or 0)``."""
     env = os.environ
     if train_args.fsdp or env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         return "fsdp", 0
-    ds = train_args.deepspeed
-    if ds or env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+    if train_args.deepspeed or env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        if isinstance(ds, str):                   # a file, or the JSON itself (as transformers)
-            try:
-                ds = json.loads(Path(ds).read_text() if Path(ds).is_file() else ds)
-            except (OSError, ValueError):
-                ds = None                         # transformers reports it when it parses
-        if isinstance(ds, dict):
-            stage = ds.get("zero_optimization", {}).get("stage", stage)
+        stage = (_deepspeed_config(train_args) or {}).get("zero_optimization", {}).get("stage", stage)
         return "deepspeed", int(stage or 0)
     return "ddp", 0
+
+
+def zero3_saves_whole_model(train_args: TrainArguments) -> bool:
+    """Whether ZeRO-3 gathers the weights when the model is saved (otherwise transformers
+    writes only DeepSpeed's own checkpoint, and a full fine-tuning run ends with no model)."""
+    flag = (_deepspeed_config(train_args) or {}).get("zero_optimization", {}).get(
+        "stage3_gather_16bit_weights_on_model_save",
+        os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false"))
+    return str(flag).lower() in ("1", "true")
 
 
 def check_launch(model_args: ModelArguments, finetune_args: FinetuneArguments,
@@ -223,6 +237,12 @@ def check_launch(model_args: ModelArguments, finetune_args: FinetuneArguments,
         problems.append(f"--finetune full with online base history under {label} needs a frozen "
                         "unsharded copy of the model on every GPU: run `sstoken score` first and "
                         "train with --history_losses auto (the cache)")
+    if name == "deepspeed" and stage == 3 and finetune_args.finetune == "full" and \
+            not zero3_saves_whole_model(train_args):
+        problems.append("--finetune full under DeepSpeed ZeRO-3 would end with no model file: set "
+                        "zero_optimization.stage3_gather_16bit_weights_on_model_save true in the "
+                        "DeepSpeed config (zero3_save_16bit_model: true in an accelerate config, "
+                        "as configs/accelerate/zero3.yaml does)")
     if sharded and finetune_args.finetune == "full" and sel_args.weighting == "asft":
         problems.append(f"--weighting asft with --finetune full under {label} needs a frozen "
                         "unsharded copy of the base on every GPU; use LoRA (the adapter-disabled "
