@@ -9,7 +9,7 @@ a test shim, ``relabel_cpu_as_gpu``, that changes only that label (backend gloo,
 see its docstring. The chunked loss runs with ``--loss_chunk_size 8`` (many chunks per
 forward) over a sharded head (FSDP2 reshards after forward; ZeRO-3 partitions the head).
 
-Slow (about 5 minutes on 2 cores; DeepSpeed needed: ``pip install -e .[deepspeed]``):
+Slow (about 6 minutes on 2 cores; DeepSpeed needed: ``pip install -e .[deepspeed]``):
 ``pytest -m engines``. The default suite runs one FSDP2 case (``test_fsdp2_quick``).
 """
 import json
