@@ -1,5 +1,7 @@
-"""One optimizer step (two for sstoken and ``+unlearned``) of SelectionTrainer
-under a sharded engine, on CPU processes with gloo; saves the trained weights, gathered whole.
+"""A few optimizer steps of SelectionTrainer under an engine, on CPU processes with gloo;
+saves the trained weights, gathered whole. One step; two for sstoken and ``+unlearned``;
+three with ``!3``, and with ``!resume`` the same three stopped after step 1 and resumed from
+its checkpoint in a new trainer.
 
     torchrun --nproc_per_node 2 tests/engine_step.py OUT MODEL METHODS PER_DEVICE ACCUM FINETUNE ENGINE REF
 
@@ -78,7 +80,7 @@ def full_params(trainer, model) -> dict[str, torch.Tensor]:
         else:
             t = p.detach().clone()
         out[key] = t.contiguous()
-    return {n: out[n] for n in names if n in out} or out
+    return {n: out[n] for n in names}
 
 
 def main(out: str, model_dir: str, method: str, per_device: int, accum: int, finetune: str, engine: str,
