@@ -105,9 +105,16 @@ def test_sharded_engine_combinations_are_refused_up_front(monkeypatch):
         assert "run `sstoken score` first" in got[0] and "frozen unsharded copy" in got[1]
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    got = problems(fine[1])                      # accelerate's default FSDP version is 1
+    assert len(got) == 1 and got[0].startswith("FSDP1 is not supported") and "fsdp2.yaml" in got[0]
+    monkeypatch.setenv("FSDP_VERSION", "2")
     assert all(problems(f) == [] for f in fine)
     got = problems(online)
     assert len(got) == 1 and "under FSDP needs a frozen unsharded copy" in got[0]
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    v1 = parse("train", ["--fsdp", "full_shard", "--fsdp_config", '{"version": 1}', "--use_cpu", "true"])
+    assert problems(v1)[0].startswith("FSDP1 is not supported")
+    assert problems(parse("train", ["--fsdp", "full_shard", "--use_cpu", "true"])) == []   # 2
 
 
 def test_same_command_same_seed_gives_bit_identical_weights(tiny_dir, tmp_path, records):
@@ -151,7 +158,8 @@ def test_shipped_accelerate_configs_select_their_engine(monkeypatch):
     assert {p.stem for p in root.glob("*.yaml")} == set(want)
     defaults = parse("train", ["--use_cpu", "true"])                    # LoRA, chunked loss
     full = parse("train", ["--use_cpu", "true", "--finetune", "full", "--history_losses", "online"])
-    keys = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    keys = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+            "FSDP_VERSION", "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL")
     for name, expected in want.items():
         for k in keys:                                  # the launcher copies os.environ
             monkeypatch.delenv(k, raising=False)

@@ -204,6 +204,14 @@ def engine(train_args: TrainArguments) -> tuple[str, int]:
     return "ddp", 0
 
 
+def fsdp_version(train_args: TrainArguments) -> int:
+    """1 or 2: from ``--fsdp_config`` (transformers' default 2), else from what ``accelerate
+    launch`` set (accelerate's default 1)."""
+    if train_args.fsdp:
+        return int((train_args.fsdp_config or {}).get("version", 2))
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
 def zero3_saves_whole_model(train_args: TrainArguments) -> bool:
     """Whether ZeRO-3 gathers the weights when the model is saved (otherwise transformers
     writes only DeepSpeed's own checkpoint, and a full fine-tuning run ends with no model)."""
@@ -232,6 +240,11 @@ def check_launch(model_args: ModelArguments, finetune_args: FinetuneArguments,
     name, stage = engine(train_args)
     sharded = name == "fsdp" or (name == "deepspeed" and stage == 3)     # no whole model per GPU
     label = "FSDP" if name == "fsdp" else f"DeepSpeed ZeRO-{stage}"
+    if name == "fsdp" and fsdp_version(train_args) == 1:
+        problems.append("FSDP1 is not supported (deprecated in transformers, and not tested "
+                        "here; it crashed in the chunked loss and the history forward): use "
+                        "FSDP2, fsdp_version: 2 in an accelerate config (configs/accelerate/"
+                        "fsdp2.yaml) or --fsdp_config '{\"version\": 2}'")
     if (sharded and finetune_args.finetune == "full" and sel_args.method == "sstoken"
             and sel_args.gamma > 0 and sel_args.history == "base" and sel_args.history_losses == "online"):
         problems.append(f"--finetune full with online base history under {label} needs a frozen "
