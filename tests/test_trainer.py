@@ -416,6 +416,7 @@ def test_ema_history_forward_uses_the_averaged_adapter(tok):
                                 peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     ex = make_batch(tok)
     t = trainer_for(model, tok, ex, SelectionArguments(method="sstoken", history="ema", ema_alpha=0.5))
+    t.ema.bind(t.model)                             # what the trainer does when training starts
     with torch.no_grad():
         for p in t.ema.params.values():
             p.add_(torch.randn_like(p) * 0.1)
@@ -550,6 +551,7 @@ def test_epoch_history_is_the_model_at_the_start_of_the_epoch(tok):
                                 peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     ex = make_batch(tok)
     t = trainer_for(model, tok, ex, SelectionArguments(method="sstoken", history="epoch"))
+    t.history.ema.bind(t.model)                     # what the trainer does when training starts
     batch = Collator(tok.pad_token_id)([ExampleDataset(ex)[k] for k in range(len(ex))])
     resp = response_mask(batch["labels"])
     args = batch["input_ids"], batch["attention_mask"], resp

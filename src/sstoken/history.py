@@ -54,13 +54,16 @@ class TrainableEMA:
     Under a sharding engine (FSDP2, ZeRO-3) the copy is as sharded as the parameters: each
     rank keeps the piece it owns (:mod:`sstoken.sharded`), and only saving gathers it.
     :meth:`bind` must see the parameters as the engine left them: the trainer calls it when
-    training starts (after ``accelerator.prepare``).
+    training starts (after ``accelerator.prepare``), and builds the EMA with ``bind=False`` so
+    that no whole copy of the unsharded parameters is made before that.
     """
 
-    def __init__(self, model, alpha: float):
+    def __init__(self, model, alpha: float, bind: bool = True):
         self.alpha = alpha
         self.loaded: dict[str, torch.Tensor] | None = None     # whole tensors, from a checkpoint
-        self.bind(model)
+        self.model, self.params, self.shadow = unwrap(model), {}, {}
+        if bind:
+            self.bind(model)
 
     def bind(self, model) -> None:
         """Track ``model``'s live trainable parameters and copy them; a copy loaded from a
@@ -178,7 +181,7 @@ class EMAHistory:
     """Eq. 4: the trained weights' EMA, swapped in for a no-grad forward."""
 
     def __init__(self, model, alpha: float):
-        self.ema = TrainableEMA(model, alpha)
+        self.ema = TrainableEMA(model, alpha, bind=False)     # bound when training starts
         self.callback = _HistoryCallback(self.ema)
 
     @torch.no_grad()

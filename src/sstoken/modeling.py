@@ -153,7 +153,7 @@ def lm_head(model) -> torch.nn.Module:
     return head
 
 
-def whole(weight: torch.Tensor) -> torch.Tensor:
+def checked_whole(weight: torch.Tensor) -> torch.Tensor:
     """The head weight, checked to be whole here. Inside the head's call FSDP2 and ZeRO-3 have
     gathered it (tests/test_engines.py); outside, a shard or an empty ZeRO-3 partition is an
     error, never silently projected with."""
@@ -166,7 +166,7 @@ def whole(weight: torch.Tensor) -> torch.Tensor:
 def lm_head_weight(model) -> torch.Tensor:
     """The output projection weight (V, H), whole. Outside the head's own call a sharded engine
     may hold it partitioned; :func:`head_computes` runs inside that call instead."""
-    return whole(lm_head(model).weight)
+    return checked_whole(lm_head(model).weight)
 
 
 @contextlib.contextmanager
@@ -183,7 +183,7 @@ def head_computes(model, fn):
     saved = head.__dict__.get("forward")
 
     def forward(hidden):
-        return fn(hidden, whole(head.weight))
+        return fn(hidden, checked_whole(head.weight))
 
     head.forward = forward
     try:

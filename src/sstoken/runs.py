@@ -204,6 +204,11 @@ def engine(train_args: TrainArguments) -> tuple[str, int]:
     return "ddp", 0
 
 
+def is_sharded(train_args: TrainArguments) -> bool:
+    """FSDP or ZeRO-3: no GPU holds the whole model (a frozen whole copy per GPU is refused)."""
+    return engine(train_args) in (("fsdp", 0), ("deepspeed", 3))
+
+
 def fsdp_version(train_args: TrainArguments) -> int:
     """1 or 2: from ``--fsdp_config`` (transformers' default 2), else from what ``accelerate
     launch`` set (accelerate's default 1)."""
@@ -238,7 +243,7 @@ def check_launch(model_args: ModelArguments, finetune_args: FinetuneArguments,
             "--config_file configs/accelerate/ddp.yaml -m sstoken.cli train ...`, or train on "
             "one GPU with CUDA_VISIBLE_DEVICES=0")
     name, stage = engine(train_args)
-    sharded = name == "fsdp" or (name == "deepspeed" and stage == 3)     # no whole model per GPU
+    sharded = is_sharded(train_args)
     label = "FSDP" if name == "fsdp" else f"DeepSpeed ZeRO-{stage}"
     if name == "fsdp" and fsdp_version(train_args) == 1:
         problems.append("FSDP1 is not supported (deprecated in transformers, and not tested "
@@ -286,7 +291,7 @@ def train(model_args: ModelArguments, finetune_args: FinetuneArguments, data_arg
         losses = LossProvider(model_args, data_args, train_args.per_device_eval_batch_size)
         facts = method.prepare(examples, losses)
         if (facts.get("history_losses") == "online" and finetune_args.finetune == "full"
-                and engine(train_args) in (("fsdp", 0), ("deepspeed", 3))):
+                and is_sharded(train_args)):
             from .errors import UsageError
 
             raise UsageError("--finetune full with online base history under a sharded engine "
